@@ -1,0 +1,18 @@
+//! smesh resources: the types users write in YAML, their parsing and their validation.
+//!
+//! This crate does no I/O: callers hand it text and a file name, and get back either
+//! resources or errors that name the file, the document, the field and the reason.
+
+// Errors are built on the cold path of loading a file; their size does not matter.
+#![allow(clippy::result_large_err)]
+
+pub mod duration;
+mod error;
+mod parse;
+mod resources;
+mod validate;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use parse::{load, parse, to_yaml, Source, Sourced};
+pub use resources::*;
+pub use validate::validate;

@@ -1,0 +1,317 @@
+//! Checks that need more than the YAML shape: addresses, references between resources,
+//! duplicates, regular expressions, ranges.
+
+use crate::{ConfigError, ConfigErrors, HttpRoute, PathMatchType, Resource, Service, Source, Sourced, ValueMatchType};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+
+const MAX_WEIGHT: u32 = 1_000_000;
+const MAX_RETRY_ATTEMPTS: u32 = 10;
+
+/// Validates a whole set of resources together; `Err` lists every problem.
+pub fn validate(items: &[Sourced]) -> Result<(), ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut seen: HashMap<(&str, &str), &Source> = HashMap::new();
+    let services: HashSet<&str> = items
+        .iter()
+        .filter_map(|i| match &i.resource {
+            Resource::Service(s) => Some(s.metadata.name.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut hostnames: HashMap<String, (&str, &Source)> = HashMap::new();
+
+    for item in items {
+        let r = &item.resource;
+        let mut check = Checker {
+            source: &item.source,
+            resource: r,
+            errors: &mut errors,
+        };
+        check.name("metadata.name", r.name());
+        if let Some(first) = seen.insert((r.kind(), r.name()), &item.source) {
+            check.fail(
+                "metadata.name",
+                format!(
+                    "duplicate {} name {:?}: already defined in {} document {}",
+                    r.kind(),
+                    r.name(),
+                    first.file,
+                    first.document
+                ),
+            );
+        }
+        match r {
+            Resource::Service(s) => {
+                check.service(s);
+                for (i, host) in s.spec.hostnames.iter().enumerate() {
+                    let owner = (s.metadata.name.as_str(), &item.source);
+                    if let Some((other, _)) = hostnames.insert(host.to_ascii_lowercase(), owner) {
+                        if other != s.metadata.name {
+                            check.fail(
+                                &format!("spec.hostnames[{i}]"),
+                                format!("hostname {host:?} is already used by Service {other:?}"),
+                            );
+                        }
+                    }
+                }
+            }
+            Resource::HttpRoute(route) => check.route(route, &services),
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+struct Checker<'a> {
+    source: &'a Source,
+    resource: &'a Resource,
+    errors: &'a mut Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn fail(&mut self, field: &str, reason: impl Into<String>) {
+        self.errors.push(self.source.error(Some(self.resource), field, reason));
+    }
+
+    fn name(&mut self, field: &str, name: &str) {
+        let valid = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        if !valid {
+            self.fail(
+                field,
+                format!("invalid name {name:?}: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"),
+            );
+        }
+    }
+
+    fn hostname(&mut self, field: &str, host: &str) {
+        let valid = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !valid {
+            self.fail(field, format!("invalid hostname {host:?}"));
+        }
+    }
+
+    fn weight(&mut self, field: &str, weight: Option<u32>, min: u32) {
+        if let Some(w) = weight {
+            if w < min || w > MAX_WEIGHT {
+                self.fail(field, format!("weight {w} out of range {min}..={MAX_WEIGHT}"));
+            }
+        }
+    }
+
+    fn regex(&mut self, field: &str, pattern: &str) {
+        if let Err(e) = regex::Regex::new(pattern) {
+            self.fail(field, format!("invalid regular expression {pattern:?}: {e}"));
+        }
+    }
+
+    fn service(&mut self, s: &Service) {
+        for (i, host) in s.spec.hostnames.iter().enumerate() {
+            self.hostname(&format!("spec.hostnames[{i}]"), host);
+        }
+        let mut ports = HashSet::new();
+        for (i, p) in s.spec.ports.iter().enumerate() {
+            if p.port == 0 {
+                self.fail(&format!("spec.ports[{i}].port"), "port must be 1-65535");
+            } else if !ports.insert(p.port) {
+                self.fail(&format!("spec.ports[{i}].port"), format!("duplicate port {}", p.port));
+            }
+        }
+        let mut addresses = HashSet::new();
+        for (i, e) in s.spec.endpoints.iter().enumerate() {
+            let field = format!("spec.endpoints[{i}].address");
+            match e.address.parse::<SocketAddr>() {
+                Ok(addr) if addr.port() == 0 => self.fail(&field, format!("address {:?} has port 0", e.address)),
+                Ok(addr) => {
+                    if !addresses.insert(addr) {
+                        self.fail(&field, format!("duplicate endpoint address {:?}", e.address));
+                    }
+                }
+                Err(_) => self.fail(
+                    &field,
+                    format!(
+                        "invalid address {:?}: expected IP:PORT such as 127.0.0.1:8080 or [::1]:8080",
+                        e.address
+                    ),
+                ),
+            }
+            self.weight(&format!("spec.endpoints[{i}].weight"), e.weight, 1);
+        }
+    }
+
+    fn route(&mut self, route: &HttpRoute, services: &HashSet<&str>) {
+        let spec = &route.spec;
+        if spec.parent_refs.is_empty() {
+            self.fail("spec.parentRefs", "at least one parent Service is required");
+        }
+        for (i, p) in spec.parent_refs.iter().enumerate() {
+            if let Some(kind) = p.kind.as_deref().filter(|k| *k != "Service") {
+                self.fail(
+                    &format!("spec.parentRefs[{i}].kind"),
+                    format!("unsupported parent kind {kind:?}, expected \"Service\""),
+                );
+            }
+            if !services.contains(p.name.as_str()) {
+                self.fail(
+                    &format!("spec.parentRefs[{i}].name"),
+                    format!("no Service named {:?}", p.name),
+                );
+            }
+        }
+        for (i, host) in spec.hostnames.iter().enumerate() {
+            self.hostname(&format!("spec.hostnames[{i}]"), host);
+        }
+        for (r, rule) in spec.rules.iter().enumerate() {
+            let at = format!("spec.rules[{r}]");
+            for (m, matcher) in rule.matches.iter().enumerate() {
+                let at = format!("{at}.matches[{m}]");
+                if let Some(path) = &matcher.path {
+                    match path.kind {
+                        PathMatchType::RegularExpression => self.regex(&format!("{at}.path.value"), &path.value),
+                        _ if !path.value.starts_with('/') => self.fail(
+                            &format!("{at}.path.value"),
+                            format!("path {:?} must start with '/'", path.value),
+                        ),
+                        _ => {}
+                    }
+                }
+                if let Some(method) = &matcher.method {
+                    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+                        self.fail(
+                            &format!("{at}.method"),
+                            format!("invalid method {method:?}: expected e.g. GET or POST"),
+                        );
+                    }
+                }
+                for (kind, list) in [("headers", &matcher.headers), ("queryParams", &matcher.query_params)] {
+                    for (h, v) in list.iter().enumerate() {
+                        let at = format!("{at}.{kind}[{h}]");
+                        if v.name.is_empty() || (kind == "headers" && http_header_name_invalid(&v.name)) {
+                            self.fail(&format!("{at}.name"), format!("invalid name {:?}", v.name));
+                        }
+                        if v.kind == ValueMatchType::RegularExpression {
+                            self.regex(&format!("{at}.value"), &v.value);
+                        }
+                    }
+                }
+            }
+            let mut total_weight = 0u64;
+            for (b, backend) in rule.backend_refs.iter().enumerate() {
+                if !services.contains(backend.name.as_str()) {
+                    self.fail(
+                        &format!("{at}.backendRefs[{b}].name"),
+                        format!("no Service named {:?}", backend.name),
+                    );
+                }
+                self.weight(&format!("{at}.backendRefs[{b}].weight"), backend.weight, 0);
+                total_weight += u64::from(backend.weight.unwrap_or(1));
+            }
+            if !rule.backend_refs.is_empty() && total_weight == 0 {
+                self.fail(&format!("{at}.backendRefs"), "all backend weights are 0");
+            }
+            if let Some(t) = &rule.timeouts {
+                for (name, d) in [("request", t.request), ("backendRequest", t.backend_request)] {
+                    if d.is_some_and(|d| d.is_zero()) {
+                        self.fail(&format!("{at}.timeouts.{name}"), "timeout must be greater than 0");
+                    }
+                }
+            }
+            if let Some(retry) = &rule.retry {
+                if retry.attempts.is_some_and(|a| a > MAX_RETRY_ATTEMPTS) {
+                    self.fail(
+                        &format!("{at}.retry.attempts"),
+                        format!("at most {MAX_RETRY_ATTEMPTS} retries"),
+                    );
+                }
+                for (c, code) in retry.codes.iter().enumerate() {
+                    if !(400..=599).contains(code) {
+                        self.fail(
+                            &format!("{at}.retry.codes[{c}]"),
+                            format!("status {code} is not a 4xx or 5xx"),
+                        );
+                    }
+                }
+                if retry.per_try_timeout.is_some_and(|d| d.is_zero()) {
+                    self.fail(&format!("{at}.retry.perTryTimeout"), "timeout must be greater than 0");
+                }
+            }
+        }
+    }
+}
+
+fn http_header_name_invalid(name: &str) -> bool {
+    !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::load;
+
+    fn errors(text: &str) -> String {
+        match load("mesh.yaml", text) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const SERVICE: &str = "apiVersion: smesh.io/v1\nkind: Service\nmetadata: {name: api}\nspec:\n  endpoints: [{address: 127.0.0.1:9001}]\n";
+
+    #[test]
+    fn accepts_a_service_and_route() {
+        let text = format!(
+            "{SERVICE}---\napiVersion: smesh.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{name: api}}]\n  rules:\n  - matches: [{{path: {{type: PathPrefix, value: /v2}}}}]\n    retry: {{attempts: 2, codes: [503], perTryTimeout: 100ms}}\n"
+        );
+        let items = load("mesh.yaml", &text).expect("valid");
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[1].source.document, 2);
+    }
+
+    #[test]
+    fn names_file_document_field_and_reason() {
+        let e = errors(&SERVICE.replace("127.0.0.1:9001", "nowhere"));
+        assert!(
+            e.starts_with(
+                "mesh.yaml: document 1 (Service \"api\"): spec.endpoints[0].address: invalid address \"nowhere\""
+            ),
+            "{e}"
+        );
+        let e = errors(&SERVICE.replace("endpoints:", "endpionts:"));
+        assert!(e.contains("spec") && e.contains("unknown field `endpionts`"), "{e}");
+        let e = errors(&SERVICE.replace("metadata: {name: api}", "metadata: {}"));
+        assert!(e.contains("metadata: missing field `name`"), "{e}");
+        let e = errors("kind: Service\n: : :\n");
+        assert!(e.contains("invalid YAML"), "{e}");
+        let e = errors(&format!("{SERVICE}---\n{SERVICE}"));
+        assert!(
+            e.contains("document 2") && e.contains("duplicate Service name \"api\""),
+            "{e}"
+        );
+        let e = errors(&SERVICE.replace("Service", "Servise"));
+        assert!(e.contains("kind: unknown kind \"Servise\""), "{e}");
+    }
+
+    #[test]
+    fn checks_route_references() {
+        let e = errors("apiVersion: smesh.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: nope}]\n  rules: [{matches: [{path: {type: RegularExpression, value: '('}}]}]\n");
+        assert!(e.contains("spec.parentRefs[0].name: no Service named \"nope\""), "{e}");
+        assert!(
+            e.contains("spec.rules[0].matches[0].path.value: invalid regular expression"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,341 @@
+//! The HTTP request path: pick the route, then try backends with retries and timeouts.
+//!
+//! Per request: route lookup in the snapshot's prebuilt table, a balancer pick, a send on a
+//! worker-owned upstream connection. Metric handles were resolved when the snapshot was built.
+
+use crate::balance::{mark_failed, Balancer, InFlight};
+use crate::body::Body;
+use crate::errors::ProxyError;
+use crate::headers::{authority, grpc_timeout, is_grpc, is_upgrade, strip_hop_by_hop};
+use crate::pool::{self, SendError};
+use crate::route::Rule;
+use crate::server::Shared;
+use crate::tcp;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use smesh_model::Protocol;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Connection failures are retried on other endpoints this many times per request.
+const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+/// Where a listener's requests go.
+#[derive(Clone)]
+pub enum Target {
+    /// By `Host` / `:authority` (or absolute-form URI).
+    Outbound,
+    /// Always to this service (a `--upstream` port).
+    Upstream(Arc<str>),
+    /// To the local application.
+    Inbound(Arc<Rule>),
+}
+
+#[derive(Clone)]
+pub struct HttpProxy {
+    pub shared: Arc<Shared>,
+    pub target: Target,
+    pub direction: &'static str,
+    pub client: SocketAddr,
+}
+
+type Failure = (ProxyError, String);
+
+impl HttpProxy {
+    pub async fn handle(self, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        let start = Instant::now();
+        let grpc = is_grpc(&req);
+        let rule = match &self.target {
+            Target::Inbound(rule) => rule.clone(),
+            target => {
+                let snapshot = self.shared.config.load();
+                let service = match target {
+                    Target::Upstream(name) => snapshot.service(name),
+                    _ => authority(&req).and_then(|a| snapshot.service_for_host(a)),
+                };
+                let Some(service) = service else {
+                    let detail = authority(&req).unwrap_or("(none)").to_string();
+                    return Ok(self.fail(ProxyError::UnknownAuthority, &detail, grpc));
+                };
+                if req.method() == Method::CONNECT {
+                    let balancer = service.balancer.clone();
+                    drop(snapshot);
+                    return Ok(self.tunnel(&mut req, &balancer).await);
+                }
+                match service.route(&req) {
+                    Some(rule) => rule.clone(),
+                    None => {
+                        let detail = format!("{} {}", req.method(), req.uri().path());
+                        return Ok(self.fail(ProxyError::NoRoute, &detail, grpc));
+                    }
+                }
+            }
+        };
+        rule.metrics.requests.inc();
+        let summary = self.shared.access_log.as_ref().map(|_| {
+            format!(
+                "\"{} {}{} {:?}\"",
+                req.method(),
+                authority(&req).unwrap_or(""),
+                req.uri().path(),
+                req.version()
+            )
+        });
+        let resp = match self.forward(req, &rule, start).await {
+            Ok(resp) => resp,
+            Err((error, detail)) => self.fail(error, &detail, grpc),
+        };
+        rule.metrics.response(resp.status().as_u16());
+        rule.metrics.duration.observe(start.elapsed().as_secs_f64());
+        if let (Some(log), Some(summary)) = (&self.shared.access_log, summary) {
+            log.record(format!(
+                "{} {} {} {} {} {:.3}ms route={}",
+                humantime::format_rfc3339_millis(std::time::SystemTime::now()),
+                self.direction,
+                self.client,
+                summary,
+                resp.status().as_u16(),
+                start.elapsed().as_secs_f64() * 1e3,
+                rule.route,
+            ));
+        }
+        Ok(resp)
+    }
+
+    fn fail(&self, error: ProxyError, detail: &str, grpc: bool) -> Response<Body> {
+        self.shared.metrics.proxy_error(self.direction, error.reason());
+        error.response(detail, grpc)
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        rule: &Rule,
+        start: Instant,
+    ) -> Result<Response<Body>, Failure> {
+        let limits = &self.shared.limits;
+        let deadline = [rule.request_timeout, grpc_timeout(req.headers())]
+            .into_iter()
+            .flatten()
+            .min();
+        let upgrade = is_upgrade(&req);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let upgrade_header = req.headers().get(header::UPGRADE).cloned();
+        let target_authority = authority(&req).and_then(|a| a.parse::<Authority>().ok());
+        let (mut parts, incoming) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(value) = upgrade_header.filter(|_| upgrade) {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, value);
+        }
+
+        // A body kept in memory can be sent again; a streamed one only once.
+        let retry = rule.retry.as_ref().filter(|_| !upgrade);
+        let mut replay: Option<Bytes> = None;
+        let mut streamed: Option<Body> = None;
+        if retry.is_some() && incoming.is_end_stream() {
+            replay = Some(Bytes::new());
+        } else if retry.is_some()
+            && incoming
+                .size_hint()
+                .upper()
+                .is_some_and(|n| n <= limits.max_retry_body_bytes)
+        {
+            match Limited::new(incoming, limits.max_retry_body_bytes as usize)
+                .collect()
+                .await
+            {
+                Ok(collected) => replay = Some(collected.to_bytes()),
+                Err(e) => return Err((ProxyError::BadRequest, format!("reading request body: {e}"))),
+            }
+        } else {
+            if retry.is_some() {
+                self.shared
+                    .metrics
+                    .retries_skipped
+                    .with_label_values(&["body_too_large"])
+                    .inc();
+            }
+            streamed = Some(Body::Streaming(incoming));
+        }
+
+        let tries = async {
+            let mut tried: Vec<SocketAddr> = Vec::new();
+            let mut retries = 0u32;
+            loop {
+                let backend = rule.backend();
+                let Some(endpoint) = backend.balancer.pick(&tried) else {
+                    return Err(if backend.balancer.is_empty() {
+                        (
+                            ProxyError::NoEndpoints,
+                            format!("service {:?} has no endpoints", backend.service),
+                        )
+                    } else {
+                        (
+                            ProxyError::ConnectFailed,
+                            format!("no reachable endpoint of {:?}", backend.service),
+                        )
+                    });
+                };
+                let endpoint = endpoint.clone();
+                let version = upstream_version(backend.protocol, parts.version, upgrade);
+                let body = match (&replay, streamed.take()) {
+                    (Some(bytes), _) => Body::full(bytes.clone()),
+                    (None, Some(body)) => body,
+                    (None, None) => return Err((ProxyError::UpstreamFailed, "request body already sent".into())),
+                };
+                let upstream_req = build_request(&parts, version, target_authority.as_ref(), body);
+                let in_flight = InFlight::start(&endpoint);
+                let send = pool::send(endpoint.addr, version, upstream_req, limits.connect_timeout, upgrade);
+                let outcome = match rule.try_timeout {
+                    Some(t) => tokio::time::timeout(t, send).await.ok(),
+                    None => Some(send.await),
+                };
+                let status = match outcome {
+                    Some(Ok(resp)) => {
+                        in_flight.answered();
+                        let status = resp.status().as_u16();
+                        if !can_retry(retry, retries, status, replay.is_some()) {
+                            return Ok(resp);
+                        }
+                        status
+                    }
+                    Some(Err(SendError::Connect(e, req))) => {
+                        mark_failed(&endpoint);
+                        tried.push(endpoint.addr);
+                        streamed = Some(req.into_body());
+                        if tried.len() >= MAX_CONNECT_ATTEMPTS.min(backend.balancer.len().max(1)) {
+                            return Err((ProxyError::ConnectFailed, format!("{}: {e}", endpoint.addr)));
+                        }
+                        continue;
+                    }
+                    Some(Err(SendError::Upstream(e))) => {
+                        if !can_retry(retry, retries, 502, replay.is_some()) {
+                            return Err((ProxyError::UpstreamFailed, format!("{}: {e}", endpoint.addr)));
+                        }
+                        502
+                    }
+                    None => {
+                        if !can_retry(retry, retries, 504, replay.is_some()) {
+                            return Err((
+                                ProxyError::Timeout,
+                                format!("no response from {} in time", endpoint.addr),
+                            ));
+                        }
+                        504
+                    }
+                };
+                retries += 1;
+                rule.metrics.retries.inc();
+                tracing::debug!(status, retries, endpoint = %endpoint.addr, "retrying");
+                if let Some(policy) = retry {
+                    tokio::time::sleep(policy.backoff.saturating_mul(1 << (retries - 1).min(6))).await;
+                }
+            }
+        };
+        let resp = match deadline {
+            Some(d) => match tokio::time::timeout_at((start + d).into(), tries).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err((
+                        ProxyError::Timeout,
+                        format!("request timeout {}", humantime::format_duration(d)),
+                    ))
+                }
+            },
+            None => tries.await?,
+        };
+        Ok(self.respond(resp, client_upgrade))
+    }
+
+    fn respond(&self, mut resp: Response<Body>, client_upgrade: Option<hyper::upgrade::OnUpgrade>) -> Response<Body> {
+        match client_upgrade {
+            Some(client) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let upstream = hyper::upgrade::on(&mut resp);
+                let metrics = self.shared.metrics.tcp(self.direction, "upgrade");
+                tokio::spawn(async move {
+                    match tokio::try_join!(client, upstream) {
+                        Ok((client, upstream)) => {
+                            tcp::splice(TokioIo::new(client), TokioIo::new(upstream), &metrics).await;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                    }
+                });
+            }
+            _ => strip_hop_by_hop(resp.headers_mut()),
+        }
+        resp
+    }
+
+    /// `CONNECT service:port`: a TCP tunnel to one of the service's endpoints.
+    async fn tunnel(&self, req: &mut Request<Incoming>, balancer: &Balancer) -> Response<Body> {
+        let upstream = match tcp::connect_any(balancer, self.shared.limits.connect_timeout).await {
+            Ok((stream, _)) => stream,
+            Err(error) => return self.fail(error.0, &error.1, false),
+        };
+        let on_upgrade = hyper::upgrade::on(req);
+        let metrics = self.shared.metrics.tcp(self.direction, "connect");
+        tokio::spawn(async move {
+            match on_upgrade.await {
+                Ok(client) => tcp::splice(TokioIo::new(client), upstream, &metrics).await,
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            }
+        });
+        Response::new(Body::Empty)
+    }
+}
+
+fn can_retry(policy: Option<&crate::route::RetryPolicy>, retries: u32, status: u16, replayable: bool) -> bool {
+    policy.is_some_and(|p| replayable && retries < p.attempts && p.codes.contains(&status))
+}
+
+fn upstream_version(protocol: Option<Protocol>, client: Version, upgrade: bool) -> Version {
+    match protocol {
+        _ if upgrade => Version::HTTP_11,
+        Some(Protocol::Http2 | Protocol::Grpc) => Version::HTTP_2,
+        Some(Protocol::Http) => Version::HTTP_11,
+        _ if client == Version::HTTP_2 => Version::HTTP_2,
+        _ => Version::HTTP_11,
+    }
+}
+
+/// The request as the upstream should see it: HTTP/2 wants an absolute URI (`:authority`),
+/// HTTP/1.1 an origin-form one and a `Host` header.
+fn build_request(parts: &Parts, version: Version, target: Option<&Authority>, body: Body) -> Request<Body> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.version_mut() = version;
+    *req.headers_mut() = parts.headers.clone();
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if version == Version::HTTP_2 {
+        let mut uri = Uri::builder().scheme(Scheme::HTTP).path_and_query(path.clone());
+        if let Some(a) = target {
+            uri = uri.authority(a.clone());
+        }
+        *req.uri_mut() = uri.build().unwrap_or_else(|_| Uri::from(path));
+        req.headers_mut().remove(header::HOST);
+    } else {
+        *req.uri_mut() = Uri::from(path);
+        if let Some(a) = target.filter(|_| !parts.headers.contains_key(header::HOST)) {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+    }
+    req
+}

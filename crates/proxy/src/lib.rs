@@ -1,0 +1,266 @@
+//! smesh data plane.
+//!
+//! The request path, in order (each a module of its own):
+//! [`server`] accepts on a worker, [`detect`] picks the protocol, [`http`] routes with the
+//! [`snapshot`]'s [`route`] table, [`balance`] picks an endpoint, [`pool`] sends on a
+//! worker-owned upstream connection; [`tcp`] handles opaque streams. [`metrics`] and
+//! [`access_log`] observe it; [`reload`] and [`admin`] run on the main thread.
+
+pub mod access_log;
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod detect;
+pub mod errors;
+pub mod headers;
+pub mod http;
+pub mod metrics;
+pub mod pool;
+pub mod reload;
+pub mod route;
+pub mod server;
+pub mod snapshot;
+pub mod tcp;
+
+use crate::balance::{Balancer, Endpoint};
+use crate::http::Target;
+use crate::route::{Rule, WeightedBackend};
+use crate::server::{ListenerSpec, Shared};
+use arc_swap::ArcSwap;
+use smesh_model::LoadBalancer;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+pub use server::Limits;
+
+/// Everything `smesh proxy` is told on its command line.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    pub config: PathBuf,
+    pub outbound: Option<SocketAddr>,
+    pub inbound: Option<SocketAddr>,
+    pub app: Option<SocketAddr>,
+    /// The name inbound traffic is labelled with in metrics.
+    pub service: Option<String>,
+    pub upstreams: Vec<(String, SocketAddr)>,
+    pub admin: SocketAddr,
+    pub workers: usize,
+    pub access_log: Option<String>,
+    pub drain_timeout: Duration,
+    pub limits: Limits,
+}
+
+/// Runs the proxy until SIGTERM or SIGINT, then drains. Errors are start-up errors
+/// (bad configuration, an address in use) and are meant for the user as they are.
+pub fn run(options: ProxyOptions) -> Result<(), String> {
+    let metrics = metrics::Metrics::new();
+    let items = reload::load(&options.config)?;
+    let snapshot = snapshot::Snapshot::build(&items, &snapshot::Snapshot::empty(), &metrics, "outbound");
+    metrics.config_generation.set(snapshot.generation as i64);
+    metrics.config_reloads.with_label_values(&["ok"]).inc();
+    for (name, _) in &options.upstreams {
+        if snapshot.service(name).is_none() {
+            return Err(format!(
+                "--upstream {name}=...: no Service named {name:?} in {}",
+                options.config.display()
+            ));
+        }
+    }
+    let config = Arc::new(ArcSwap::from_pointee(snapshot));
+
+    let mut specs: Vec<(SocketAddr, ListenerSpec)> = Vec::new();
+    if let Some(addr) = options.outbound {
+        specs.push((
+            addr,
+            ListenerSpec {
+                name: "outbound".into(),
+                direction: "outbound",
+                target: Target::Outbound,
+                tcp_only: false,
+            },
+        ));
+    }
+    if let (Some(addr), Some(app)) = (options.inbound, options.app) {
+        let label = options.service.clone().unwrap_or_else(|| "app".into());
+        let rule = inbound_rule(app, &label, &metrics);
+        specs.push((
+            addr,
+            ListenerSpec {
+                name: "inbound".into(),
+                direction: "inbound",
+                target: Target::Inbound(rule),
+                tcp_only: false,
+            },
+        ));
+    }
+    for (name, addr) in &options.upstreams {
+        specs.push((
+            *addr,
+            ListenerSpec {
+                name: format!("upstream:{name}"),
+                direction: "outbound",
+                target: Target::Upstream(Arc::from(name.as_str())),
+                tcp_only: false,
+            },
+        ));
+    }
+    if specs.is_empty() {
+        return Err("nothing to listen on: give --outbound, --inbound with --app, or --upstream".into());
+    }
+
+    // Bind everything up front so an address in use is a start-up error.
+    let mut sockets = Vec::new();
+    for (addr, _) in &specs {
+        sockets.push(server::bind(*addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?);
+    }
+    let admin_socket =
+        server::bind(options.admin).map_err(|e| format!("cannot listen on admin {}: {e}", options.admin))?;
+
+    let (access_log, flusher) = match &options.access_log {
+        Some(dest) => {
+            let (log, thread) = access_log::AccessLog::start(dest, metrics.access_log_dropped.clone())
+                .map_err(|e| format!("cannot open access log {dest}: {e}"))?;
+            (Some(log), Some(thread))
+        }
+        None => (None, None),
+    };
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        metrics: metrics.clone(),
+        limits: options.limits.clone(),
+        access_log,
+        connections: AtomicUsize::new(0),
+    });
+    let specs: Vec<(SocketAddr, Arc<ListenerSpec>)> = specs.into_iter().map(|(a, s)| (a, Arc::new(s))).collect();
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let workers = options.workers.max(1);
+    let mut threads = Vec::new();
+    let mut first = Some(sockets);
+    for index in 0..workers {
+        // Worker 0 takes the sockets bound above; the others bind their own on the same
+        // addresses, and the kernel spreads connections across them.
+        let sockets = match first.take() {
+            Some(s) => s,
+            None => specs
+                .iter()
+                .map(|(addr, _)| server::bind(*addr).map_err(|e| format!("cannot listen on {addr}: {e}")))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let specs = specs.clone();
+        let shared = shared.clone();
+        let stop = stop_rx.clone();
+        let drain = options.drain_timeout;
+        let thread = std::thread::Builder::new()
+            .name(format!("smesh-worker-{index}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start worker runtime");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let loops: Vec<_> = sockets
+                        .into_iter()
+                        .zip(specs)
+                        .map(|(socket, (_, spec))| {
+                            tokio::spawn(server::accept_loop(socket, spec, shared.clone(), stop.clone(), drain))
+                        })
+                        .collect();
+                    for l in loops {
+                        let _ = l.await;
+                    }
+                });
+            })
+            .map_err(|e| format!("cannot start worker thread: {e}"))?;
+        threads.push(thread);
+    }
+
+    let main = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start runtime: {e}"))?;
+    main.block_on(async {
+        let ready = Arc::new(AtomicBool::new(false));
+        let admin = Arc::new(admin::Admin {
+            metrics: metrics.clone(),
+            config: config.clone(),
+            ready: ready.clone(),
+        });
+        let admin_task = tokio::spawn(admin.serve(admin_socket, stop_rx.clone()));
+        let watcher = reload::ConfigFile {
+            path: options.config.clone(),
+            config: config.clone(),
+            metrics: metrics.clone(),
+        };
+        let watch_task = tokio::spawn(watcher.watch(stop_rx.clone()));
+        for (addr, spec) in &specs {
+            tracing::info!(listener = %spec.name, %addr, "listening");
+        }
+        tracing::info!(admin = %options.admin, workers, "smesh proxy ready");
+        ready.store(true, Ordering::Release);
+        wait_for_signal().await;
+        tracing::info!(drain_timeout = ?options.drain_timeout, "shutting down: draining connections");
+        ready.store(false, Ordering::Release);
+        let _ = stop_tx.send(true);
+        let _ = watch_task.await;
+        // The admin port stays up while workers drain, then closes with them.
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        });
+        let _ = joined.await;
+        let _ = admin_task.await;
+    });
+    drop(shared);
+    if let Some(flusher) = flusher {
+        let _ = flusher.join();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The inbound side's one "route": everything to the local app.
+fn inbound_rule(app: SocketAddr, label: &str, metrics: &Arc<metrics::Metrics>) -> Arc<Rule> {
+    let endpoint = Arc::new(Endpoint {
+        addr: app,
+        weight: 1,
+        labels: Default::default(),
+        stats: Arc::default(),
+    });
+    let balancer = Arc::new(Balancer::new(vec![endpoint], LoadBalancer::RoundRobin));
+    Arc::new(Rule::new(
+        "inbound",
+        vec![WeightedBackend {
+            weight: 1,
+            service: Arc::from(label),
+            balancer,
+            protocol: None,
+        }],
+        Default::default(),
+        None,
+        Arc::new(metrics.route("inbound", label, "inbound")),
+    ))
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

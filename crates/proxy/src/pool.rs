@@ -1,0 +1,183 @@
+//! Upstream connections, owned by the worker thread that uses them (as in Envoy): idle
+//! HTTP/1 connections and shared HTTP/2 connections live in thread-local tables, so the
+//! request path takes no lock and a connection never hops between threads.
+
+use crate::body::Body;
+use http::{Request, Response, Version};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+const MAX_IDLE_PER_ENDPOINT: usize = 128;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+type IdleH1 = HashMap<SocketAddr, Vec<(Instant, http1::SendRequest<Body>)>>;
+
+thread_local! {
+    static IDLE_H1: RefCell<IdleH1> = RefCell::new(HashMap::new());
+    static H2: RefCell<HashMap<SocketAddr, http2::SendRequest<Body>>> = RefCell::new(HashMap::new());
+}
+
+pub enum SendError {
+    /// No connection could be made: nothing was sent, the request is handed back.
+    Connect(io::Error, Box<Request<Body>>),
+    /// The request may have reached the upstream.
+    Upstream(hyper::Error),
+}
+
+/// Hands an HTTP/1 connection back to the worker's idle pool when a response body is done
+/// (or dropped: hyper then closes the connection if it cannot be reused, and checkout skips it).
+pub struct PoolReturn(Option<(SocketAddr, http1::SendRequest<Body>)>);
+
+impl PoolReturn {
+    pub fn none() -> Self {
+        PoolReturn(None)
+    }
+
+    pub fn release(&mut self) {
+        if let Some((addr, sender)) = self.0.take() {
+            if sender.is_closed() {
+                return;
+            }
+            IDLE_H1.with(|idle| {
+                let mut idle = idle.borrow_mut();
+                let list = idle.entry(addr).or_default();
+                if list.len() < MAX_IDLE_PER_ENDPOINT {
+                    list.push((Instant::now(), sender));
+                }
+            });
+        }
+    }
+}
+
+impl Drop for PoolReturn {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TokioIo<TcpStream>> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(r) => r?,
+        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    };
+    stream.set_nodelay(true)?;
+    Ok(TokioIo::new(stream))
+}
+
+fn take_idle_h1(addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+    IDLE_H1.with(|idle| {
+        let mut idle = idle.borrow_mut();
+        let list = idle.get_mut(&addr)?;
+        while let Some((since, sender)) = list.pop() {
+            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+                return Some(sender);
+            }
+        }
+        None
+    })
+}
+
+/// Sends `req` to `addr` over HTTP/1.1 or HTTP/2 (`version`), reusing a pooled connection
+/// when there is one. `upgrade` keeps the connection out of the pool (it becomes a tunnel).
+pub async fn send(
+    addr: SocketAddr,
+    version: Version,
+    mut req: Request<Body>,
+    connect_timeout: Duration,
+    upgrade: bool,
+) -> Result<Response<Body>, SendError> {
+    if version == Version::HTTP_2 {
+        return send_h2(addr, req, connect_timeout).await;
+    }
+    // Pooled connections may have been closed by the peer while idle; a request that was not
+    // sent on one comes back and is tried on the next, then on a fresh connection.
+    while let Some(mut sender) = take_idle_h1(addr) {
+        if sender.ready().await.is_err() {
+            continue;
+        }
+        match sender.try_send_request(req).await {
+            Ok(resp) => return Ok(pooled_response(resp, addr, sender, upgrade)),
+            Err(mut e) => match e.take_message() {
+                Some(back) => req = back,
+                None => return Err(SendError::Upstream(e.into_error())),
+            },
+        }
+    }
+    let io = match connect(addr, connect_timeout).await {
+        Ok(io) => io,
+        Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+    };
+    let (mut sender, conn) = match http1::handshake(io).await {
+        Ok(pair) => pair,
+        Err(e) => return Err(SendError::Upstream(e)),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(%addr, error = %e, "upstream connection ended");
+        }
+    });
+    match sender.send_request(req).await {
+        Ok(resp) => Ok(pooled_response(resp, addr, sender, upgrade)),
+        Err(e) => Err(SendError::Upstream(e)),
+    }
+}
+
+fn pooled_response(
+    resp: Response<hyper::body::Incoming>,
+    addr: SocketAddr,
+    sender: http1::SendRequest<Body>,
+    upgrade: bool,
+) -> Response<Body> {
+    let back = if upgrade {
+        PoolReturn::none()
+    } else {
+        PoolReturn(Some((addr, sender)))
+    };
+    resp.map(|body| Body::Upstream(body, back))
+}
+
+async fn send_h2(
+    addr: SocketAddr,
+    mut req: Request<Body>,
+    connect_timeout: Duration,
+) -> Result<Response<Body>, SendError> {
+    let existing = H2.with(|h2| h2.borrow().get(&addr).filter(|s| !s.is_closed()).cloned());
+    if let Some(mut sender) = existing {
+        match sender.try_send_request(req).await {
+            Ok(resp) => return Ok(resp.map(|b| Body::Upstream(b, PoolReturn::none()))),
+            Err(mut e) => match e.take_message() {
+                Some(back) => req = back,
+                None => return Err(SendError::Upstream(e.into_error())),
+            },
+        }
+    }
+    let io = match connect(addr, connect_timeout).await {
+        Ok(io) => io,
+        Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+    };
+    let (mut sender, conn) = match http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .handshake(io)
+        .await
+    {
+        Ok(pair) => pair,
+        Err(e) => return Err(SendError::Upstream(e)),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%addr, error = %e, "upstream h2 connection ended");
+        }
+    });
+    H2.with(|h2| h2.borrow_mut().insert(addr, sender.clone()));
+    match sender.send_request(req).await {
+        Ok(resp) => Ok(resp.map(|b| Body::Upstream(b, PoolReturn::none()))),
+        Err(e) => Err(SendError::Upstream(e)),
+    }
+}

@@ -1,0 +1,280 @@
+//! Compiled HTTPRoute rules: request matching (Gateway API semantics) and per-rule policy.
+
+use crate::balance::Balancer;
+use crate::metrics::RouteMetrics;
+use http::{HeaderName, Method, Request};
+use regex::Regex;
+use smesh_model::{HttpRouteMatch, PathMatchType, Timeouts, ValueMatch, ValueMatchType};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct WeightedBackend {
+    pub weight: u32,
+    pub service: Arc<str>,
+    pub balancer: Arc<Balancer>,
+    /// What to speak to this backend's endpoints; `None` follows the client.
+    pub protocol: Option<smesh_model::Protocol>,
+}
+
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub codes: Vec<u16>,
+    pub backoff: Duration,
+    pub per_try_timeout: Option<Duration>,
+}
+
+impl From<&smesh_model::Retry> for RetryPolicy {
+    fn from(r: &smesh_model::Retry) -> Self {
+        RetryPolicy {
+            attempts: r.attempts.unwrap_or(smesh_model::Retry::DEFAULT_ATTEMPTS),
+            codes: if r.codes.is_empty() {
+                smesh_model::Retry::DEFAULT_CODES.to_vec()
+            } else {
+                r.codes.clone()
+            },
+            backoff: r.backoff.unwrap_or(smesh_model::Retry::DEFAULT_BACKOFF),
+            per_try_timeout: r.per_try_timeout,
+        }
+    }
+}
+
+/// What to do with a matched request.
+pub struct Rule {
+    pub route: Arc<str>,
+    pub backends: Vec<WeightedBackend>,
+    total_weight: u64,
+    /// Whole request, retries included.
+    pub request_timeout: Option<Duration>,
+    /// Each try: the smaller of `backendRequest` and the retry's `perTryTimeout`.
+    pub try_timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
+    pub metrics: Arc<RouteMetrics>,
+}
+
+impl Rule {
+    pub fn new(
+        route: &str,
+        backends: Vec<WeightedBackend>,
+        timeouts: Timeouts,
+        retry: Option<RetryPolicy>,
+        metrics: Arc<RouteMetrics>,
+    ) -> Self {
+        let per_try = retry.as_ref().and_then(|r| r.per_try_timeout);
+        let try_timeout = match (timeouts.backend_request, per_try) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Rule {
+            route: Arc::from(route),
+            total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
+            backends,
+            request_timeout: timeouts.request,
+            try_timeout,
+            retry,
+            metrics,
+        }
+    }
+
+    /// Picks a backend in proportion to weights (a canary split).
+    pub fn backend(&self) -> &WeightedBackend {
+        if self.backends.len() == 1 || self.total_weight == 0 {
+            return &self.backends[0];
+        }
+        let mut point = rand::random_range(0..self.total_weight);
+        for b in &self.backends {
+            let w = u64::from(b.weight);
+            if point < w {
+                return b;
+            }
+            point -= w;
+        }
+        &self.backends[0]
+    }
+}
+
+enum PathMatcher {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+enum ValueMatcher {
+    Exact(String),
+    Regex(Regex),
+}
+
+impl ValueMatcher {
+    fn compile(m: &ValueMatch) -> Self {
+        match m.kind {
+            ValueMatchType::Exact => ValueMatcher::Exact(m.value.clone()),
+            // Validation rejected bad patterns; a never-matching one is the safe fallback.
+            ValueMatchType::RegularExpression => ValueMatcher::Regex(anchored(&m.value)),
+        }
+    }
+
+    fn matches(&self, value: &str) -> bool {
+        match self {
+            ValueMatcher::Exact(v) => v == value,
+            ValueMatcher::Regex(r) => r.is_match(value),
+        }
+    }
+}
+
+fn anchored(pattern: &str) -> Regex {
+    Regex::new(&format!("^(?:{pattern})$")).unwrap_or_else(|_| Regex::new("[^\\s\\S]").expect("static regex"))
+}
+
+/// One compiled `matches` entry: every condition in it must hold.
+pub struct RouteMatch {
+    path: Option<PathMatcher>,
+    method: Option<Method>,
+    headers: Vec<(HeaderName, ValueMatcher)>,
+    query: Vec<(String, ValueMatcher)>,
+}
+
+impl RouteMatch {
+    pub fn everything() -> Self {
+        RouteMatch {
+            path: None,
+            method: None,
+            headers: Vec::new(),
+            query: Vec::new(),
+        }
+    }
+
+    pub fn compile(m: &HttpRouteMatch) -> Self {
+        RouteMatch {
+            path: m.path.as_ref().map(|p| match p.kind {
+                PathMatchType::Exact => PathMatcher::Exact(p.value.clone()),
+                PathMatchType::PathPrefix => PathMatcher::Prefix(p.value.trim_end_matches('/').to_string()),
+                PathMatchType::RegularExpression => PathMatcher::Regex(anchored(&p.value)),
+            }),
+            method: m.method.as_ref().and_then(|s| Method::from_bytes(s.as_bytes()).ok()),
+            headers: m
+                .headers
+                .iter()
+                .filter_map(|h| {
+                    Some((
+                        HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+                        ValueMatcher::compile(h),
+                    ))
+                })
+                .collect(),
+            query: m
+                .query_params
+                .iter()
+                .map(|q| (q.name.clone(), ValueMatcher::compile(q)))
+                .collect(),
+        }
+    }
+
+    /// Sort key for Gateway API precedence: exact path, then longest prefix, then method,
+    /// then most header matches, then most query matches.
+    pub fn precedence(&self) -> (u8, usize, bool, usize, usize) {
+        let (kind, len) = match &self.path {
+            Some(PathMatcher::Exact(p)) => (0, p.len()),
+            Some(PathMatcher::Prefix(p)) => (1, p.len()),
+            Some(PathMatcher::Regex(_)) => (2, 0),
+            None => (1, 0),
+        };
+        (
+            kind,
+            usize::MAX - len,
+            self.method.is_none(),
+            usize::MAX - self.headers.len(),
+            usize::MAX - self.query.len(),
+        )
+    }
+
+    pub fn matches<B>(&self, req: &Request<B>) -> bool {
+        let path = req.uri().path();
+        let path_ok = match &self.path {
+            None => true,
+            Some(PathMatcher::Exact(p)) => path == p,
+            Some(PathMatcher::Prefix(p)) => {
+                p.is_empty()
+                    || (path.starts_with(p.as_str()) && matches!(path.as_bytes().get(p.len()), None | Some(b'/')))
+            }
+            Some(PathMatcher::Regex(r)) => r.is_match(path),
+        };
+        if !path_ok {
+            return false;
+        }
+        if self.method.as_ref().is_some_and(|m| m != req.method()) {
+            return false;
+        }
+        for (name, matcher) in &self.headers {
+            let found = req
+                .headers()
+                .get_all(name)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| matcher.matches(v)));
+            if !found {
+                return false;
+            }
+        }
+        if !self.query.is_empty() {
+            let query = req.uri().query().unwrap_or("");
+            for (name, matcher) in &self.query {
+                let found = query
+                    .split('&')
+                    .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+                    .any(|(k, v)| k == name && matcher.matches(v));
+                if !found {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smesh_model::PathMatch;
+
+    fn prefix(p: &str) -> RouteMatch {
+        RouteMatch::compile(&HttpRouteMatch {
+            path: Some(PathMatch {
+                kind: PathMatchType::PathPrefix,
+                value: p.into(),
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn req(uri: &str) -> Request<()> {
+        Request::builder().uri(uri).header("x-canary", "yes").body(()).unwrap()
+    }
+
+    #[test]
+    fn prefix_matches_whole_segments() {
+        assert!(prefix("/api").matches(&req("/api")));
+        assert!(prefix("/api").matches(&req("/api/v1?x=1")));
+        assert!(!prefix("/api").matches(&req("/apiary")));
+        assert!(prefix("/").matches(&req("/anything")));
+        assert!(prefix("/api/").matches(&req("/api/x")));
+    }
+
+    #[test]
+    fn headers_query_and_precedence() {
+        let m = RouteMatch::compile(&HttpRouteMatch {
+            headers: vec![ValueMatch {
+                kind: ValueMatchType::RegularExpression,
+                name: "x-canary".into(),
+                value: "y.s".into(),
+            }],
+            query_params: vec![ValueMatch {
+                kind: ValueMatchType::Exact,
+                name: "debug".into(),
+                value: "1".into(),
+            }],
+            ..Default::default()
+        });
+        assert!(m.matches(&req("/a?debug=1")));
+        assert!(!m.matches(&req("/a?debug=2")));
+        assert!(prefix("/api/v1").precedence() < prefix("/api").precedence());
+        assert!(m.precedence() < RouteMatch::everything().precedence());
+    }
+}

@@ -1,0 +1,272 @@
+//! Listeners and workers (DESIGN.md section 3): each worker thread runs its own
+//! single-threaded runtime and accepts on its own `SO_REUSEPORT` socket, so a connection and
+//! the upstream connections it uses stay on one thread.
+
+use crate::access_log::AccessLog;
+use crate::balance::Balancer;
+use crate::detect::{detect, Detected, PrefixedIo};
+use crate::http::{HttpProxy, Target};
+use crate::metrics::Metrics;
+use crate::snapshot::Snapshot;
+use crate::tcp;
+use arc_swap::ArcSwap;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Limits on what clients may use. All configurable from the command line.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub max_retry_body_bytes: u64,
+    pub detect_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            max_connections: 10_000,
+            idle_timeout: Duration::from_secs(60),
+            max_retry_body_bytes: 64 * 1024,
+            detect_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            max_concurrent_streams: 1024,
+        }
+    }
+}
+
+/// State shared by every worker: read-mostly, never locked on the request path.
+pub struct Shared {
+    pub config: Arc<ArcSwap<Snapshot>>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub access_log: Option<AccessLog>,
+    pub connections: AtomicUsize,
+}
+
+pub struct ListenerSpec {
+    /// `outbound`, `inbound` or `upstream:<service>`: used in logs and metrics.
+    pub name: String,
+    pub direction: &'static str,
+    pub target: Target,
+    /// For TCP on this listener (inbound: the app; upstream: resolved per connection).
+    pub tcp_only: bool,
+}
+
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Accepts until `shutdown` turns true, then closes the socket (new connections are refused)
+/// and lets open connections finish, up to `drain`.
+pub async fn accept_loop(
+    listener: std::net::TcpListener,
+    spec: Arc<ListenerSpec>,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(listener = %spec.name, error = %e, "cannot use listener");
+            return;
+        }
+    };
+    let open = Arc::new(AtomicUsize::new(0));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tracing::warn!(listener = %spec.name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if shared.connections.fetch_add(1, Ordering::Relaxed) >= shared.limits.max_connections {
+                    shared.connections.fetch_sub(1, Ordering::Relaxed);
+                    shared.metrics.connections_refused.with_label_values(&[&spec.name]).inc();
+                    continue;
+                }
+                shared.metrics.connections_active.inc();
+                open.fetch_add(1, Ordering::Relaxed);
+                let conn = Connection { spec: spec.clone(), shared: shared.clone(), peer, open: open.clone() };
+                let stop = shutdown.clone();
+                tokio::spawn(async move { conn.serve(stream, stop).await });
+            }
+            _ = stopped(&mut shutdown) => break,
+        }
+    }
+    drop(listener);
+    // Connections see the same signal and finish their current requests; poll until they
+    // are gone (shutdown path only).
+    let deadline = tokio::time::Instant::now() + drain;
+    while open.load(Ordering::Relaxed) > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(listener = %spec.name, open = open.load(Ordering::Relaxed), "drain timeout: closing remaining connections");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Resolves once `shutdown` holds true (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+struct Connection {
+    spec: Arc<ListenerSpec>,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    /// Open connections of this listener, for draining.
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        self.shared.metrics.connections_active.dec();
+    }
+}
+
+impl Connection {
+    async fn serve(self, mut stream: TcpStream, mut stop: watch::Receiver<bool>) {
+        let _ = stream.set_nodelay(true);
+        let limits = &self.shared.limits;
+        let (protocol, prefix) = if self.spec.tcp_only || self.upstream_is_tcp() {
+            (Detected::Opaque, bytes::Bytes::new())
+        } else {
+            match detect(&mut stream, limits.detect_timeout).await {
+                Ok(Some(found)) => found,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "read failed during detection");
+                    return;
+                }
+            }
+        };
+        let io = PrefixedIo::new(prefix, stream);
+        let proxy = HttpProxy {
+            shared: self.shared.clone(),
+            target: self.spec.target.clone(),
+            direction: self.spec.direction,
+            client: self.peer,
+        };
+        let service = service_fn(move |req| proxy.clone().handle(req));
+        let result = match protocol {
+            Detected::Http1 => {
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .max_buf_size(limits.max_header_bytes.max(8192))
+                    .header_read_timeout(limits.idle_timeout)
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades();
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = stopped(&mut stop) => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            }
+            Detected::Http2 => {
+                let conn = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
+                    .max_concurrent_streams(limits.max_concurrent_streams)
+                    .keep_alive_interval(Some(limits.idle_timeout / 2))
+                    .serve_connection(TokioIo::new(io), service);
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = stopped(&mut stop) => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            }
+            Detected::Opaque => {
+                self.forward_tcp(io).await;
+                return;
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
+        }
+    }
+
+    /// A `--upstream` port for a service declared `protocol: tcp` skips detection, so
+    /// server-speaks-first protocols connect at once.
+    fn upstream_is_tcp(&self) -> bool {
+        match &self.spec.target {
+            Target::Upstream(name) => self
+                .shared
+                .config
+                .load()
+                .service(name)
+                .is_some_and(|s| s.protocol(None) == Some(smesh_model::Protocol::Tcp)),
+            _ => false,
+        }
+    }
+
+    async fn forward_tcp(&self, io: PrefixedIo<TcpStream>) {
+        let snapshot;
+        let (service, balancer): (&str, &Balancer) = match &self.spec.target {
+            Target::Inbound(rule) => ("app", &rule.backends[0].balancer),
+            Target::Upstream(name) => {
+                snapshot = self.shared.config.load_full();
+                match snapshot.service(name) {
+                    Some(s) => (name, &s.balancer),
+                    None => {
+                        self.shared.metrics.proxy_error(self.spec.direction, "unknown service");
+                        return;
+                    }
+                }
+            }
+            Target::Outbound => {
+                // Without a destination (no SO_ORIGINAL_DST yet) opaque TCP cannot be routed.
+                self.shared.metrics.proxy_error(self.spec.direction, "no destination");
+                return;
+            }
+        };
+        let upstream = match tcp::connect_any(balancer, self.shared.limits.connect_timeout).await {
+            Ok((stream, _)) => stream,
+            Err((error, detail)) => {
+                tracing::debug!(service, %detail, "tcp connect failed");
+                self.shared.metrics.proxy_error(self.spec.direction, error.reason());
+                return;
+            }
+        };
+        let metrics = self.shared.metrics.tcp(self.spec.direction, service);
+        tcp::splice(io, upstream, &metrics).await;
+    }
+}
