@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 /// Peak-EWMA decay time constant.
 const DECAY_NS: f64 = 10e9;
-/// The latency assumed for an endpoint that has not answered yet.
-const DEFAULT_RTT_NS: f64 = 1e6;
+/// The latency assumed for an endpoint that has not answered yet: optimistic, so a new
+/// endpoint is probed at once and its real latency learned from the first response.
+const DEFAULT_RTT_NS: f64 = 0.0;
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 

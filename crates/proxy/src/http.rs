@@ -170,6 +170,10 @@ impl HttpProxy {
             streamed = Some(Body::Streaming(incoming));
         }
 
+        let client_version = parts.version;
+        // The request head is moved into the first try; it is copied only when a retry may
+        // need it again, and handed back by a failed connect.
+        let mut head = Some(parts);
         let tries = async {
             let mut tried: Vec<SocketAddr> = Vec::new();
             let mut retries = 0u32;
@@ -189,13 +193,13 @@ impl HttpProxy {
                     });
                 };
                 let endpoint = endpoint.clone();
-                let version = upstream_version(backend.protocol, parts.version, upgrade);
-                let body = match (&replay, streamed.take()) {
-                    (Some(bytes), _) => Body::full(bytes.clone()),
-                    (None, Some(body)) => body,
-                    (None, None) => return Err((ProxyError::UpstreamFailed, "request body already sent".into())),
+                let version = upstream_version(backend.protocol, client_version, upgrade);
+                let (body, parts) = match (&replay, streamed.take(), head.as_ref()) {
+                    (Some(bytes), _, Some(h)) => (Body::full(bytes.clone()), copy_head(h)),
+                    (None, Some(body), Some(_)) => (body, head.take().expect("checked above")),
+                    _ => return Err((ProxyError::UpstreamFailed, "request body already sent".into())),
                 };
-                let upstream_req = build_request(&parts, version, target_authority.as_ref(), body);
+                let upstream_req = build_request(parts, version, target_authority.as_ref(), body);
                 let in_flight = InFlight::start(&endpoint);
                 let send = pool::send(endpoint.addr, version, upstream_req, limits.connect_timeout, upgrade);
                 let outcome = match rule.try_timeout {
@@ -214,7 +218,9 @@ impl HttpProxy {
                     Some(Err(SendError::Connect(e, req))) => {
                         mark_failed(&endpoint);
                         tried.push(endpoint.addr);
-                        streamed = Some(req.into_body());
+                        let (parts, body) = req.into_parts();
+                        head = Some(parts);
+                        streamed = Some(body);
                         if tried.len() >= MAX_CONNECT_ATTEMPTS.min(backend.balancer.len().max(1)) {
                             return Err((ProxyError::ConnectFailed, format!("{}: {e}", endpoint.addr)));
                         }
@@ -310,13 +316,20 @@ fn upstream_version(protocol: Option<Protocol>, client: Version, upgrade: bool) 
     }
 }
 
+fn copy_head(p: &Parts) -> Parts {
+    let (mut head, ()) = Request::new(()).into_parts();
+    head.method = p.method.clone();
+    head.uri = p.uri.clone();
+    head.version = p.version;
+    head.headers = p.headers.clone();
+    head
+}
+
 /// The request as the upstream should see it: HTTP/2 wants an absolute URI (`:authority`),
-/// HTTP/1.1 an origin-form one and a `Host` header.
-fn build_request(parts: &Parts, version: Version, target: Option<&Authority>, body: Body) -> Request<Body> {
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.version_mut() = version;
-    *req.headers_mut() = parts.headers.clone();
+/// HTTP/1.1 an origin-form one and a `Host` header. Works on either form, so a head handed
+/// back by a failed connect can be rebuilt for another endpoint.
+fn build_request(mut parts: Parts, version: Version, target: Option<&Authority>, body: Body) -> Request<Body> {
+    parts.version = version;
     let path = parts
         .uri
         .path_and_query()
@@ -327,15 +340,15 @@ fn build_request(parts: &Parts, version: Version, target: Option<&Authority>, bo
         if let Some(a) = target {
             uri = uri.authority(a.clone());
         }
-        *req.uri_mut() = uri.build().unwrap_or_else(|_| Uri::from(path));
-        req.headers_mut().remove(header::HOST);
+        parts.uri = uri.build().unwrap_or_else(|_| Uri::from(path));
+        parts.headers.remove(header::HOST);
     } else {
-        *req.uri_mut() = Uri::from(path);
+        parts.uri = Uri::from(path);
         if let Some(a) = target.filter(|_| !parts.headers.contains_key(header::HOST)) {
             if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                req.headers_mut().insert(header::HOST, v);
+                parts.headers.insert(header::HOST, v);
             }
         }
     }
-    req
+    Request::from_parts(parts, body)
 }
