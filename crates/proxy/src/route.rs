@@ -168,14 +168,16 @@ impl RouteMatch {
         }
     }
 
-    /// Sort key for Gateway API precedence: exact path, then longest prefix, then method,
-    /// then most header matches, then most query matches.
+    /// Sort key for Gateway API precedence: exact path, then longest prefix, then regular
+    /// expressions (their place is left to implementations), then catch-alls (no path or
+    /// prefix `/`); ties go to a method match, then most header matches, then most query
+    /// matches.
     pub fn precedence(&self) -> (u8, usize, bool, usize, usize) {
         let (kind, len) = match &self.path {
             Some(PathMatcher::Exact(p)) => (0, p.len()),
-            Some(PathMatcher::Prefix(p)) => (1, p.len()),
+            Some(PathMatcher::Prefix(p)) if !p.is_empty() => (1, p.len()),
             Some(PathMatcher::Regex(_)) => (2, 0),
-            None => (1, 0),
+            Some(PathMatcher::Prefix(_)) | None => (3, 0),
         };
         (
             kind,
@@ -276,5 +278,12 @@ mod tests {
         assert!(!m.matches(&req("/a?debug=2")));
         assert!(prefix("/api/v1").precedence() < prefix("/api").precedence());
         assert!(m.precedence() < RouteMatch::everything().precedence());
+        let regex = RouteMatch::compile(&HttpRouteMatch {
+            path: Some(PathMatch { kind: PathMatchType::RegularExpression, value: "/items/[0-9]+".into() }),
+            ..Default::default()
+        });
+        assert!(prefix("/items").precedence() < regex.precedence());
+        assert!(regex.precedence() < prefix("/").precedence());
+        assert!(regex.precedence() < RouteMatch::everything().precedence());
     }
 }
