@@ -1,5 +1,7 @@
 //! `smesh`: one binary for every role.
 
+mod client;
+mod commands;
 mod demo;
 mod up;
 
@@ -24,10 +26,57 @@ struct Cli {
     command: Command,
 }
 
+/// How the CLI reaches the control plane.
+#[derive(Args)]
+struct Remote {
+    /// The control plane's address.
+    #[arg(long, env = "SMESH_CONTROL", default_value = "http://127.0.0.1:4180")]
+    control: String,
+    /// Admin token for writes (else --token-file, else ./smesh-data/admin-token if present).
+    #[arg(long, env = "SMESH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the admin token.
+    #[arg(long, env = "SMESH_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the data-plane proxy with a static configuration file.
     Proxy(Box<ProxyArgs>),
+    /// Run the control plane: configuration and endpoint distribution, admin API, KV.
+    Control(ControlArgs),
+    /// Apply resources (a file, a directory of them, or - for standard input) all-or-nothing.
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show resources (service, httproute), `endpoints SERVICE` or `proxies`.
+    Get {
+        kind: String,
+        name: Option<String>,
+        /// yaml or json (endpoints and proxies default to a table).
+        #[arg(short = 'o', long = "output")]
+        output: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Delete a resource.
+    Delete {
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// The key/value store.
+    Kv {
+        #[command(subcommand)]
+        command: KvCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Check a configuration file: print every error, change nothing.
     Validate {
         /// The file to check.
@@ -41,11 +90,69 @@ enum Command {
     DemoApp(demo::DemoArgs),
 }
 
+#[derive(Subcommand)]
+enum KvCommand {
+    /// Set KEY to VALUE; with --cas N only if KEY's modify index is N (0: KEY must not exist).
+    Put {
+        key: String,
+        value: String,
+        #[arg(long)]
+        cas: Option<u64>,
+    },
+    /// Print KEY's value.
+    Get { key: String },
+    /// Delete KEY.
+    Delete { key: String },
+    /// Print every change under PREFIX, in order, until interrupted.
+    Watch {
+        prefix: String,
+        /// Start after this index (default: from now).
+        #[arg(long)]
+        index: Option<u64>,
+    },
+}
+
+#[derive(Args)]
+struct ControlArgs {
+    /// gRPC (proxies) and HTTP (API, KV) on one address.
+    #[arg(long, default_value = "127.0.0.1:4180")]
+    listen: SocketAddr,
+    /// embedded:DIR (a single-file store) or etcd:URL[,URL...].
+    #[arg(long, default_value = "embedded:./smesh-data")]
+    store: String,
+    /// File holding the admin token; default: DIR/admin-token, generated on first start.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Default lease TTL of registered endpoints.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    lease_ttl: Duration,
+}
+
 #[derive(Args)]
 struct ProxyArgs {
     /// Resources file (Service, HTTPRoute, ...); watched for changes, re-read on SIGHUP.
+    #[arg(long, required_unless_present = "control_urls")]
+    config: Option<PathBuf>,
+    /// Control plane URL(s), comma-separated; any replica will do.
+    #[arg(
+        long = "control",
+        value_delimiter = ',',
+        conflicts_with = "config",
+        id = "control_urls"
+    )]
+    control_urls: Vec<String>,
+    /// Labels of this proxy's endpoint when registered, e.g. version=v2,zone=a.
+    #[arg(long, value_delimiter = ',', value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// The address other proxies reach this proxy's inbound port at.
     #[arg(long)]
-    config: PathBuf,
+    advertise: Option<SocketAddr>,
+    /// Lease TTL for the registered endpoint (default: the control plane's).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    lease_ttl: Option<Duration>,
+    /// Configuration snapshots larger than this are refused (nacked).
+    #[arg(long, default_value_t = 16 << 20)]
+    max_config_bytes: usize,
     /// Where local applications send their outbound requests.
     #[arg(long, default_value = "127.0.0.1:4140")]
     outbound: SocketAddr,
@@ -96,6 +203,11 @@ struct ProxyArgs {
     max_concurrent_streams: u32,
 }
 
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text.split_once('=').ok_or("expected KEY=VALUE, e.g. version=v2")?;
+    Ok((k.to_string(), v.to_string()))
+}
+
 fn parse_upstream(text: &str) -> Result<(String, SocketAddr), String> {
     let (name, addr) = text
         .split_once('=')
@@ -125,6 +237,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Proxy(args) => smesh_proxy::run(ProxyOptions {
             config: args.config,
+            control: args.control_urls,
+            labels: args.labels.into_iter().collect(),
+            advertise: args.advertise,
+            lease_ttl: args.lease_ttl,
+            max_config_bytes: args.max_config_bytes,
             outbound: Some(args.outbound),
             inbound: args.app.map(|_| args.inbound),
             app: args.app,
@@ -145,6 +262,34 @@ fn main() -> ExitCode {
             },
         }),
         Command::Validate { file } => validate(&file),
+        Command::Control(args) => smesh_control::run(smesh_control::ControlOptions {
+            listen: args.listen,
+            store: args.store,
+            admin_token_file: args.admin_token_file,
+            lease_ttl: args.lease_ttl,
+        }),
+        Command::Apply { file, remote } => with_control(remote, |c| async move { commands::apply(&c, &file).await }),
+        Command::Get {
+            kind,
+            name,
+            output,
+            remote,
+        } => with_control(remote, |c| async move {
+            let table = matches!(kind.as_str(), "endpoints" | "endpoint" | "ep" | "proxies" | "proxy");
+            let output = output.unwrap_or_else(|| if table { "table".into() } else { "yaml".into() });
+            commands::get(&c, &kind, name.as_deref(), &output).await
+        }),
+        Command::Delete { kind, name, remote } => {
+            with_control(remote, |c| async move { commands::delete(&c, &kind, &name).await })
+        }
+        Command::Kv { command, remote } => with_control(remote, |c| async move {
+            match command {
+                KvCommand::Put { key, value, cas } => commands::kv_put(&c, &key, &value, cas).await,
+                KvCommand::Get { key } => commands::kv_get(&c, &key).await,
+                KvCommand::Delete { key } => commands::kv_delete(&c, &key).await,
+                KvCommand::Watch { prefix, index } => commands::kv_watch(&c, &prefix, index).await,
+            }
+        }),
         Command::Up(args) => up::run(args),
         Command::DemoApp(args) => demo::run(args),
     };
@@ -155,6 +300,33 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs a command against the control plane, with the token from the flag, the token
+/// file, or the local default data directory.
+fn with_control<F, Fut>(remote: Remote, f: F) -> Result<(), String>
+where
+    F: FnOnce(client::Control) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let url = remote.control;
+    let token = match (remote.token, remote.token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(file)) => Some(
+            std::fs::read_to_string(&file)
+                .map_err(|e| format!("cannot read token file {}: {e}", file.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => std::fs::read_to_string("smesh-data/admin-token")
+            .ok()
+            .map(|t| t.trim().to_string()),
+    };
+    let control = client::Control {
+        base: url.trim_end_matches('/').to_string(),
+        token,
+    };
+    commands::block_on(f(control))
 }
 
 fn validate(file: &std::path::Path) -> Result<(), String> {

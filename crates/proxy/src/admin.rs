@@ -18,6 +18,8 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub config: Arc<ArcSwap<Snapshot>>,
     pub ready: Arc<AtomicBool>,
+    /// False until a control-plane proxy has its first configuration.
+    pub configured: Arc<AtomicBool>,
 }
 
 impl Admin {
@@ -50,7 +52,9 @@ impl Admin {
     fn handle<B>(&self, req: Request<B>) -> Response<Body> {
         let (status, content_type, body) = match req.uri().path() {
             "/live" => (StatusCode::OK, "text/plain", "live\n".to_string()),
-            "/ready" if self.ready.load(Ordering::Acquire) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+            "/ready" if self.ready.load(Ordering::Acquire) && self.configured.load(Ordering::Acquire) => {
+                (StatusCode::OK, "text/plain", "ready\n".to_string())
+            }
             "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".to_string()),
             "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", self.metrics.render()),
             "/config" => {

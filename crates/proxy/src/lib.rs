@@ -10,6 +10,7 @@ pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod body;
+pub mod control;
 pub mod detect;
 pub mod errors;
 pub mod headers;
@@ -40,7 +41,19 @@ pub use server::Limits;
 /// Everything `smesh proxy` is told on its command line.
 #[derive(Debug, Clone)]
 pub struct ProxyOptions {
-    pub config: PathBuf,
+    /// A static configuration file (watched); or
+    pub config: Option<PathBuf>,
+    /// control-plane URLs to get configuration and endpoints from.
+    pub control: Vec<String>,
+    /// Labels of the endpoint this proxy registers (with `service` and `app`).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The address other proxies reach this one's inbound listener at; default: the inbound
+    /// address, with an unspecified IP replaced by 127.0.0.1.
+    pub advertise: Option<SocketAddr>,
+    /// Lease TTL asked for the registered endpoint (None: the control plane's default).
+    pub lease_ttl: Option<Duration>,
+    /// Configuration snapshots larger than this are refused.
+    pub max_config_bytes: usize,
     pub outbound: Option<SocketAddr>,
     pub inbound: Option<SocketAddr>,
     pub app: Option<SocketAddr>,
@@ -58,18 +71,28 @@ pub struct ProxyOptions {
 /// (bad configuration, an address in use) and are meant for the user as they are.
 pub fn run(options: ProxyOptions) -> Result<(), String> {
     let metrics = metrics::Metrics::new();
-    let items = reload::load(&options.config)?;
-    let snapshot = snapshot::Snapshot::build(&items, &snapshot::Snapshot::empty(), &metrics, "outbound");
-    metrics.config_generation.set(snapshot.generation as i64);
-    metrics.config_reloads.with_label_values(&["ok"]).inc();
-    for (name, _) in &options.upstreams {
-        if snapshot.service(name).is_none() {
-            return Err(format!(
-                "--upstream {name}=...: no Service named {name:?} in {}",
-                options.config.display()
-            ));
+    let snapshot = match (&options.config, options.control.is_empty()) {
+        (Some(path), true) => {
+            let items = reload::load(path)?;
+            let snapshot = snapshot::Snapshot::build(&items, &snapshot::Snapshot::empty(), &metrics, "outbound");
+            metrics.config_generation.set(snapshot.generation as i64);
+            metrics.config_reloads.with_label_values(&["ok"]).inc();
+            for (name, _) in &options.upstreams {
+                if snapshot.service(name).is_none() {
+                    return Err(format!(
+                        "--upstream {name}=...: no Service named {name:?} in {}",
+                        path.display()
+                    ));
+                }
+            }
+            snapshot
         }
-    }
+        (None, false) => snapshot::Snapshot::empty(),
+        (Some(_), false) => return Err("give either --config FILE or --control URL, not both".into()),
+        (None, true) => {
+            return Err("give --config FILE (static configuration) or --control URL (a control plane)".into())
+        }
+    };
     let config = Arc::new(ArcSwap::from_pointee(snapshot));
 
     let mut specs: Vec<(SocketAddr, ListenerSpec)> = Vec::new();
@@ -188,18 +211,35 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         .map_err(|e| format!("cannot start runtime: {e}"))?;
     main.block_on(async {
         let ready = Arc::new(AtomicBool::new(false));
+        let configured = Arc::new(AtomicBool::new(options.control.is_empty()));
         let admin = Arc::new(admin::Admin {
             metrics: metrics.clone(),
             config: config.clone(),
             ready: ready.clone(),
+            configured: configured.clone(),
         });
         let admin_task = tokio::spawn(admin.serve(admin_socket, stop_rx.clone()));
-        let watcher = reload::ConfigFile {
-            path: options.config.clone(),
-            config: config.clone(),
-            metrics: metrics.clone(),
+        let config_task = match &options.config {
+            Some(path) => {
+                let watcher = reload::ConfigFile {
+                    path: path.clone(),
+                    config: config.clone(),
+                    metrics: metrics.clone(),
+                };
+                tokio::spawn(watcher.watch(stop_rx.clone()))
+            }
+            None => {
+                let client = control::ControlClient {
+                    urls: options.control.clone(),
+                    hello: hello(&options),
+                    config: config.clone(),
+                    metrics: metrics.clone(),
+                    configured: configured.clone(),
+                    max_config_bytes: options.max_config_bytes,
+                };
+                tokio::spawn(client.run(stop_rx.clone()))
+            }
         };
-        let watch_task = tokio::spawn(watcher.watch(stop_rx.clone()));
         for (addr, spec) in &specs {
             tracing::info!(listener = %spec.name, %addr, "listening");
         }
@@ -209,7 +249,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         tracing::info!(drain_timeout = ?options.drain_timeout, "shutting down: draining connections");
         ready.store(false, Ordering::Release);
         let _ = stop_tx.send(true);
-        let _ = watch_task.await;
+        let _ = config_task.await;
         // The admin port stays up while workers drain, then closes with them.
         let joined = tokio::task::spawn_blocking(move || {
             for t in threads {
@@ -225,6 +265,38 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What this proxy tells the control plane about itself.
+fn hello(options: &ProxyOptions) -> smesh_api::v1::Hello {
+    let service = options.service.clone().unwrap_or_default();
+    let endpoint = match (options.app, options.inbound) {
+        (Some(_), Some(inbound)) if !service.is_empty() => {
+            let mut addr = options.advertise.unwrap_or(inbound);
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            Some(smesh_api::v1::Endpoint {
+                service: service.clone(),
+                address: addr.to_string(),
+                labels: options.labels.clone().into_iter().collect(),
+                weight: 0,
+            })
+        }
+        _ => None,
+    };
+    let name = if service.is_empty() {
+        "proxy".to_string()
+    } else {
+        service
+    };
+    smesh_api::v1::Hello {
+        proxy_id: format!("{name}-{}-{:08x}", std::process::id(), rand::random::<u32>()),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        endpoint,
+        lease_ttl_ms: options.lease_ttl.map_or(0, |d| d.as_millis() as u64),
+        applied_version: 0,
+    }
 }
 
 /// The inbound side's one "route": everything to the local app.

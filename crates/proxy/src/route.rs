@@ -279,7 +279,10 @@ mod tests {
         assert!(prefix("/api/v1").precedence() < prefix("/api").precedence());
         assert!(m.precedence() < RouteMatch::everything().precedence());
         let regex = RouteMatch::compile(&HttpRouteMatch {
-            path: Some(PathMatch { kind: PathMatchType::RegularExpression, value: "/items/[0-9]+".into() }),
+            path: Some(PathMatch {
+                kind: PathMatchType::RegularExpression,
+                value: "/items/[0-9]+".into(),
+            }),
             ..Default::default()
         });
         assert!(prefix("/items").precedence() < regex.precedence());

@@ -1,0 +1,251 @@
+//! `smesh apply / get / delete / kv`: the control plane's API from the command line.
+
+use crate::client::{Control, Reply};
+use base64::Engine as _;
+use bytes::Bytes;
+use hyper::Method;
+use std::path::{Path, PathBuf};
+
+pub fn block_on<T>(f: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start runtime: {e}"))?
+        .block_on(f)
+}
+
+/// Files to apply: a file, every .yaml/.yml/.json in a directory (sorted), or `-` (stdin).
+fn read_inputs(path: &Path) -> Result<Vec<(String, String)>, String> {
+    use std::io::Read;
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| format!("cannot read standard input: {e}"))?;
+        return Ok(vec![("<stdin>".into(), text)]);
+    }
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml" || x == "json"))
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    files
+        .into_iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+            Ok((f.display().to_string(), text))
+        })
+        .collect()
+}
+
+pub async fn apply(control: &Control, path: &Path) -> Result<(), String> {
+    let files = read_inputs(path)?;
+    if files.is_empty() {
+        return Err(format!("{}: no .yaml, .yml or .json files", path.display()));
+    }
+    let body = serde_json::json!({
+        "files": files.iter().map(|(name, text)| serde_json::json!({"name": name, "text": text})).collect::<Vec<_>>()
+    });
+    let reply = control
+        .call(
+            Method::POST,
+            "/api/v1/apply",
+            "application/json",
+            Bytes::from(body.to_string()),
+        )
+        .await?
+        .json()?;
+    for item in reply["applied"].as_array().into_iter().flatten() {
+        println!(
+            "{}/{} {}",
+            item["kind"].as_str().unwrap_or("?"),
+            item["name"].as_str().unwrap_or("?"),
+            item["result"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+fn render(value: &serde_json::Value, output: &str) -> Result<String, String> {
+    match output {
+        "json" => serde_json::to_string_pretty(value).map_err(|e| e.to_string()),
+        "yaml" => {
+            let mut out = String::new();
+            let items = match value.as_array() {
+                Some(items) => items.clone(),
+                None => vec![value.clone()],
+            };
+            for item in items {
+                out.push_str("---\n");
+                out.push_str(&serde_norway::to_string(&item).map_err(|e| e.to_string())?);
+            }
+            Ok(out)
+        }
+        other => Err(format!("unknown output format {other:?}: use yaml or json")),
+    }
+}
+
+pub async fn get(control: &Control, kind: &str, name: Option<&str>, output: &str) -> Result<(), String> {
+    let value = match (kind.to_ascii_lowercase().as_str(), name) {
+        ("endpoints" | "endpoint" | "ep", Some(service)) => {
+            let v = control.get(&format!("/api/v1/endpoints/{service}")).await?.json()?;
+            if output == "table" {
+                println!("{:<24} {:<12} {:<8} LABELS", "ADDRESS", "SOURCE", "WEIGHT");
+                for e in v["endpoints"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} {:<12} {:<8} {}",
+                        e["address"].as_str().unwrap_or(""),
+                        e["source"].as_str().unwrap_or(""),
+                        e["weight"].as_u64().unwrap_or(1),
+                        e["labels"]
+                    );
+                }
+                return Ok(());
+            }
+            v["endpoints"].clone()
+        }
+        ("endpoints" | "endpoint" | "ep", None) => return Err("usage: smesh get endpoints SERVICE".into()),
+        ("proxies" | "proxy", _) => {
+            let v = control.get("/api/v1/proxies").await?.json()?;
+            if output == "table" {
+                println!(
+                    "{:<32} {:<10} {:<22} {:>8} {:>8} {:>8}  ERROR",
+                    "PROXY", "SERVICE", "ADDRESS", "SENT", "ACKED", "NACKED"
+                );
+                for p in v["items"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<32} {:<10} {:<22} {:>8} {:>8} {:>8}  {}",
+                        p["proxy_id"].as_str().unwrap_or(""),
+                        p["service"].as_str().unwrap_or(""),
+                        p["address"].as_str().unwrap_or(""),
+                        p["sent_version"].as_u64().unwrap_or(0),
+                        p["acked_version"].as_u64().unwrap_or(0),
+                        p["nacked_version"].as_u64().unwrap_or(0),
+                        p["last_error"].as_str().unwrap_or("")
+                    );
+                }
+                return Ok(());
+            }
+            v["items"].clone()
+        }
+        (_, Some(name)) => control.get(&format!("/api/v1/resources/{kind}/{name}")).await?.json()?,
+        (_, None) => control.get(&format!("/api/v1/resources/{kind}")).await?.json()?["items"].clone(),
+    };
+    let output = if output == "table" { "yaml" } else { output };
+    print!("{}", render(&value, output)?);
+    Ok(())
+}
+
+pub async fn delete(control: &Control, kind: &str, name: &str) -> Result<(), String> {
+    let v = control
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/resources/{kind}/{name}"),
+            "text/plain",
+            Bytes::new(),
+        )
+        .await?
+        .json()?;
+    println!("{}/{} deleted", v["deleted"]["kind"].as_str().unwrap_or(kind), name);
+    Ok(())
+}
+
+fn index_of(reply: &Reply) -> u64 {
+    reply
+        .headers
+        .get("x-smesh-index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+pub async fn kv_put(control: &Control, key: &str, value: &str, cas: Option<u64>) -> Result<(), String> {
+    let path = match cas {
+        Some(i) => format!("/v1/kv/{key}?cas={i}"),
+        None => format!("/v1/kv/{key}"),
+    };
+    let reply = control
+        .call(
+            Method::PUT,
+            &path,
+            "application/octet-stream",
+            Bytes::from(value.to_string()),
+        )
+        .await?;
+    let index = index_of(&reply);
+    match reply.json()? {
+        serde_json::Value::Bool(true) => {
+            println!("ok (index {index})");
+            Ok(())
+        }
+        _ => Err(format!(
+            "check-and-set failed: {key} is not at index {}",
+            cas.unwrap_or(0)
+        )),
+    }
+}
+
+pub async fn kv_get(control: &Control, key: &str) -> Result<(), String> {
+    let reply = control.get(&format!("/v1/kv/{key}")).await?;
+    if reply.status == hyper::StatusCode::NOT_FOUND {
+        return Err(format!("{key}: not found"));
+    }
+    let index = index_of(&reply);
+    let v = reply.json()?;
+    let entry = &v[0];
+    let value = base64::engine::general_purpose::STANDARD
+        .decode(entry["Value"].as_str().unwrap_or(""))
+        .map_err(|e| format!("bad value encoding: {e}"))?;
+    println!("{}", String::from_utf8_lossy(&value));
+    eprintln!("(index {index})");
+    Ok(())
+}
+
+pub async fn kv_delete(control: &Control, key: &str) -> Result<(), String> {
+    control
+        .call(Method::DELETE, &format!("/v1/kv/{key}"), "text/plain", Bytes::new())
+        .await?
+        .json()?;
+    println!("deleted {key}");
+    Ok(())
+}
+
+/// Prints each change under the prefix as `INDEX put|delete KEY [VALUE]`, in order, until
+/// interrupted.
+pub async fn kv_watch(control: &Control, prefix: &str, index: Option<u64>) -> Result<(), String> {
+    use std::io::Write;
+    let path = match index {
+        Some(i) => format!("/v1/watch/kv/{prefix}?index={i}"),
+        None => format!("/v1/watch/kv/{prefix}"),
+    };
+    control
+        .stream_lines(&path, |line| {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                return;
+            };
+            if let Some(err) = v["Error"].as_str() {
+                eprintln!("watch ended: {err}");
+                return;
+            }
+            let value = v["Value"]
+                .as_str()
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .map(|b| String::from_utf8_lossy(&b).to_string())
+                .unwrap_or_default();
+            println!(
+                "{} {} {} {}",
+                v["ModifyIndex"],
+                v["Event"].as_str().unwrap_or("?"),
+                v["Key"].as_str().unwrap_or("?"),
+                value
+            );
+            let _ = std::io::stdout().flush();
+        })
+        .await
+}

@@ -1,0 +1,201 @@
+//! The Discovery gRPC service: one stream per proxy. It registers the proxy's endpoint under
+//! a lease it keeps alive while the stream lives, pushes every new snapshot, and records
+//! acks and nacks.
+
+use crate::feed::Composed;
+use crate::keys;
+use crate::registry::{ProxyStatus, Registration};
+use crate::store::{Compare, LeaseId, Op, Store, StoreError};
+use smesh_api::v1::discovery_server::Discovery;
+use smesh_api::v1::{proxy_message, ConfigSnapshot, Hello, ProxyMessage};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct DiscoveryService {
+    pub store: Arc<dyn Store>,
+    pub feed: watch::Receiver<Arc<Composed>>,
+    pub default_ttl: Duration,
+    /// This replica's address, shown in `smesh get proxies`.
+    pub replica: String,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn status_error(e: StoreError) -> Status {
+    Status::unavailable(format!("store: {e}"))
+}
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type StreamStream = ReceiverStream<Result<ConfigSnapshot, Status>>;
+
+    async fn stream(&self, request: Request<Streaming<ProxyMessage>>) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(ProxyMessage {
+                kind: Some(proxy_message::Kind::Hello(hello)),
+            }) => hello,
+            _ => return Err(Status::invalid_argument("the first message on a stream must be Hello")),
+        };
+        if hello.proxy_id.is_empty() || hello.proxy_id.contains('/') {
+            return Err(Status::invalid_argument(
+                "Hello.proxy_id must be non-empty and contain no '/'",
+            ));
+        }
+        let ttl = match hello.lease_ttl_ms {
+            0 => self.default_ttl,
+            ms => Duration::from_millis(ms).clamp(Duration::from_secs(1), Duration::from_secs(300)),
+        };
+        let session = Session::open(self.store.clone(), hello, ttl, self.replica.clone())
+            .await
+            .map_err(status_error)?;
+        let (tx, rx) = mpsc::channel(4);
+        let feed = self.feed.clone();
+        tokio::spawn(session.run(inbound, feed, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+struct Session {
+    store: Arc<dyn Store>,
+    hello: Hello,
+    ttl: Duration,
+    lease: LeaseId,
+    status: ProxyStatus,
+}
+
+impl Session {
+    async fn open(store: Arc<dyn Store>, hello: Hello, ttl: Duration, replica: String) -> Result<Self, StoreError> {
+        let endpoint = hello.endpoint.clone().unwrap_or_default();
+        let status = ProxyStatus {
+            proxy_id: hello.proxy_id.clone(),
+            version: hello.version.clone(),
+            service: endpoint.service.clone(),
+            address: endpoint.address.clone(),
+            control: replica,
+            last_seen: now_secs(),
+            ..Default::default()
+        };
+        let mut session = Session {
+            store,
+            hello,
+            ttl,
+            lease: 0,
+            status,
+        };
+        session.register().await?;
+        Ok(session)
+    }
+
+    /// Puts the proxy's status (and endpoint, if any) under a fresh lease.
+    async fn register(&mut self) -> Result<(), StoreError> {
+        self.lease = self.store.grant_lease(self.ttl).await?;
+        let mut ops = vec![self.status_op()];
+        if let Some(e) = self.hello.endpoint.as_ref().filter(|e| !e.service.is_empty()) {
+            let reg = Registration {
+                service: e.service.clone(),
+                address: e.address.clone(),
+                labels: e.labels.clone().into_iter().collect(),
+                weight: e.weight,
+                proxy_id: self.hello.proxy_id.clone(),
+            };
+            let value = serde_json::to_vec(&reg).map_err(|e| StoreError::Backend(e.to_string()))?;
+            ops.push(Op::Put {
+                key: keys::registration(&e.service, &self.hello.proxy_id),
+                value,
+                lease: self.lease,
+            });
+            tracing::info!(service = %e.service, address = %e.address, proxy = %self.hello.proxy_id, "endpoint registered");
+        }
+        self.store.txn(Vec::<Compare>::new(), ops).await?;
+        Ok(())
+    }
+
+    fn status_op(&self) -> Op {
+        Op::Put {
+            key: keys::proxy(&self.hello.proxy_id),
+            value: serde_json::to_vec(&self.status).unwrap_or_default(),
+            lease: self.lease,
+        }
+    }
+
+    async fn save_status(&mut self) {
+        self.status.last_seen = now_secs();
+        if let Err(e) = self.store.txn(Vec::new(), vec![self.status_op()]).await {
+            tracing::warn!(proxy = %self.hello.proxy_id, error = %e, "cannot record proxy status");
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut inbound: Streaming<ProxyMessage>,
+        mut feed: watch::Receiver<Arc<Composed>>,
+        tx: mpsc::Sender<Result<ConfigSnapshot, Status>>,
+    ) {
+        let mut keep_alive = tokio::time::interval(self.ttl / 3);
+        keep_alive.tick().await;
+        let mut sent = 0u64;
+        let mut goodbye = false;
+        loop {
+            let current = feed.borrow_and_update().clone();
+            if current.version != 0 && current.version != sent && current.version != self.hello.applied_version {
+                let snapshot = ConfigSnapshot {
+                    version: current.version,
+                    resources_yaml: current.yaml.to_string(),
+                };
+                if tx.send(Ok(snapshot)).await.is_err() {
+                    break;
+                }
+                sent = current.version;
+                self.status.sent_version = sent;
+            }
+            tokio::select! {
+                changed = feed.changed() => if changed.is_err() { break },
+                _ = keep_alive.tick() => {
+                    if let Err(e) = self.store.keep_alive(self.lease).await {
+                        tracing::warn!(proxy = %self.hello.proxy_id, error = %e, "lease lost; registering again");
+                        if let Err(e) = self.register().await {
+                            tracing::error!(proxy = %self.hello.proxy_id, error = %e, "cannot register again");
+                        }
+                    }
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(ProxyMessage { kind: Some(proxy_message::Kind::Ack(ack)) })) => {
+                        if ack.accepted {
+                            self.status.acked_version = ack.version;
+                        } else {
+                            self.status.nacked_version = ack.version;
+                            self.status.last_error = ack.error.clone();
+                            tracing::warn!(proxy = %self.hello.proxy_id, version = ack.version, error = %ack.error, "proxy rejected a snapshot");
+                        }
+                        self.save_status().await;
+                    }
+                    Ok(Some(ProxyMessage { kind: Some(proxy_message::Kind::Goodbye(_)) })) => {
+                        goodbye = true;
+                        break;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                },
+            }
+        }
+        if goodbye {
+            // A clean stop: the endpoint leaves at once.
+            if let Err(e) = self.store.revoke_lease(self.lease).await {
+                tracing::warn!(proxy = %self.hello.proxy_id, error = %e, "cannot revoke lease");
+            }
+            tracing::info!(proxy = %self.hello.proxy_id, "proxy said goodbye");
+        } else {
+            // Lost: the endpoint stays until the lease expires, unless the proxy comes back.
+            tracing::info!(proxy = %self.hello.proxy_id, ttl = ?self.ttl, "proxy stream ended");
+        }
+    }
+}

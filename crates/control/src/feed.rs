@@ -1,0 +1,71 @@
+//! The configuration feed: watches the store's mesh prefix and keeps the latest composed
+//! snapshot in a `watch` channel that every proxy stream reads.
+
+use crate::compose::compose;
+use crate::keys;
+use crate::store::{Store, StoreError};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Composed {
+    pub version: u64,
+    pub yaml: Arc<str>,
+}
+
+/// Starts the feed; the receiver always holds the newest snapshot (version 0 until the
+/// first read of the store).
+pub fn start(store: Arc<dyn Store>) -> watch::Receiver<Arc<Composed>> {
+    let (tx, rx) = watch::channel(Arc::new(Composed {
+        version: 0,
+        yaml: Arc::from(""),
+    }));
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = follow(store.as_ref(), &tx).await {
+                tracing::warn!(error = %e, "configuration feed interrupted; re-reading the store");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+async fn follow(store: &dyn Store, tx: &watch::Sender<Arc<Composed>>) -> Result<(), StoreError> {
+    let (kvs, revision) = store.list(keys::MESH).await?;
+    publish(tx, revision, &kvs);
+    let mut events = store.watch(keys::MESH, revision).await?;
+    while let Some(batch) = events.recv().await {
+        let batch = batch?;
+        // Coalesce a burst of changes into one snapshot.
+        let mut last = batch.last().map(|e| e.revision()).unwrap_or(revision);
+        while let Ok(more) = events.try_recv() {
+            if let Some(e) = more?.last() {
+                last = e.revision();
+            }
+        }
+        let (kvs, at) = store.list(keys::MESH).await?;
+        publish(tx, at.max(last), &kvs);
+    }
+    Err(StoreError::Backend("watch ended".into()))
+}
+
+fn publish(tx: &watch::Sender<Arc<Composed>>, version: u64, kvs: &[crate::store::KeyValue]) {
+    let resources = compose(kvs);
+    let yaml = smesh_model::to_yaml(&resources);
+    tx.send_if_modified(|current| {
+        if current.yaml.as_ref() == yaml && current.version != 0 {
+            return false;
+        }
+        *current = Arc::new(Composed {
+            version,
+            yaml: Arc::from(yaml.as_str()),
+        });
+        true
+    });
+    tracing::debug!(version, "configuration snapshot composed");
+}

@@ -1,0 +1,33 @@
+//! Where things live in the store. Everything a proxy's configuration is built from sits
+//! under [`MESH`], so one list and one watch of that prefix give a consistent view.
+
+pub const MESH: &str = "/mesh/";
+pub const RESOURCES: &str = "/mesh/resources/";
+pub const REGISTRY: &str = "/mesh/registry/";
+pub const PROXIES: &str = "/status/proxies/";
+pub const KV: &str = "/kv/";
+
+pub fn resource(kind: &str, name: &str) -> String {
+    format!("{RESOURCES}{kind}/{name}")
+}
+
+pub fn registration(service: &str, proxy_id: &str) -> String {
+    format!("{REGISTRY}{service}/{proxy_id}")
+}
+
+pub fn proxy(proxy_id: &str) -> String {
+    format!("{PROXIES}{proxy_id}")
+}
+
+pub fn kv(key: &str) -> String {
+    format!("{KV}{key}")
+}
+
+/// The canonical kind for a user's spelling (`svc`, `services`, `httproute`...).
+pub fn canonical_kind(kind: &str) -> Option<&'static str> {
+    match kind.to_ascii_lowercase().as_str() {
+        "service" | "services" | "svc" => Some("Service"),
+        "httproute" | "httproutes" | "route" | "routes" => Some("HTTPRoute"),
+        _ => None,
+    }
+}

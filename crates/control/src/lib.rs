@@ -1,0 +1,142 @@
+//! smesh control plane: one listen address serves gRPC for proxies (configuration and
+//! endpoint push, registration) and HTTP for people and tools (admin API, KV).
+//!
+//! Modules: [`store`] (state), [`feed`] + [`compose`] (what proxies get), [`discovery`]
+//! (the proxy streams), [`api`] and [`kv`] (HTTP), [`keys`] (the store layout).
+
+pub mod api;
+pub mod compose;
+pub mod discovery;
+pub mod feed;
+pub mod keys;
+pub mod kv;
+pub mod registry;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    pub listen: SocketAddr,
+    /// `embedded:DIR` or `etcd:URL[,URL...]`.
+    pub store: String,
+    pub admin_token_file: Option<PathBuf>,
+    /// Default lease TTL for registered endpoints.
+    pub lease_ttl: Duration,
+}
+
+/// Opens the store named by `spec`; also returns the data directory, if any.
+pub fn open_store(spec: &str) -> Result<(Arc<dyn store::Store>, Option<PathBuf>), String> {
+    match spec.split_once(':') {
+        Some(("embedded", dir)) if !dir.is_empty() => {
+            let dir = PathBuf::from(dir);
+            let store = store::embedded::EmbeddedStore::open(&dir.join("smesh.redb"))
+                .map_err(|e| format!("cannot open store in {}: {e}", dir.display()))?;
+            Ok((store, Some(dir)))
+        }
+        Some(("etcd", _)) => Err("the etcd store is not available in this build yet; use --store embedded:DIR".into()),
+        _ => Err(format!(
+            "invalid --store {spec:?}: expected embedded:DIR or etcd:URL[,URL...]"
+        )),
+    }
+}
+
+/// The admin token: from the given file, else from (or newly written to) `DIR/admin-token`
+/// with owner-only permissions.
+pub fn admin_token(file: Option<&Path>, data_dir: Option<&Path>) -> Result<String, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = match (file, data_dir) {
+        (Some(f), _) => {
+            let token = std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+            let token = token.trim().to_string();
+            if token.is_empty() {
+                return Err(format!("{}: the admin token file is empty", f.display()));
+            }
+            return Ok(token);
+        }
+        (None, Some(dir)) => dir.join("admin-token"),
+        (None, None) => return Err("--admin-token-file is required with this store".into()),
+    };
+    if let Ok(token) = std::fs::read_to_string(&path) {
+        if !token.trim().is_empty() {
+            return Ok(token.trim().to_string());
+        }
+    }
+    let token: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    f.write_all(token.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    tracing::info!(file = %path.display(), "generated an admin token");
+    Ok(token)
+}
+
+/// Runs the control plane until SIGTERM or SIGINT.
+pub fn run(options: ControlOptions) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start runtime: {e}"))?;
+    runtime.block_on(serve(options))
+}
+
+async fn serve(options: ControlOptions) -> Result<(), String> {
+    let (store, data_dir) = open_store(&options.store)?;
+    let token = admin_token(options.admin_token_file.as_deref(), data_dir.as_deref())?;
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", options.listen))?;
+    let feed = feed::start(store.clone());
+    let discovery = discovery::DiscoveryService {
+        store: store.clone(),
+        feed,
+        default_ttl: options.lease_ttl,
+        replica: options.listen.to_string(),
+    };
+    let grpc = tonic::service::Routes::new(smesh_api::v1::discovery_server::DiscoveryServer::new(discovery))
+        .into_axum_router();
+    let app = grpc.merge(api::routes(Arc::new(api::ApiState { store, token })));
+    tracing::info!(listen = %options.listen, store = %options.store, "smesh control ready");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(
+        async move {
+            let mut rx = stop_rx;
+            let _ = rx.wait_for(|s| *s).await;
+        },
+    );
+    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    tokio::select! {
+        r = &mut server => return r.map_err(|e| format!("server failed: {e}")),
+        _ = shutdown_signal() => {}
+    }
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    // Proxy streams never end by themselves; give requests a moment, then go.
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The control-plane client: one gRPC stream to any control replica. It registers this
+//! proxy's endpoint, applies each pushed snapshot (or nacks it and keeps the old one), and
+//! reconnects with jittered backoff, serving the last good configuration meanwhile.
+
+use crate::metrics::Metrics;
+use crate::snapshot::Snapshot;
+use arc_swap::ArcSwap;
+use smesh_api::v1::discovery_client::DiscoveryClient;
+use smesh_api::v1::{proxy_message, Ack, ConfigSnapshot, Goodbye, Hello, ProxyMessage};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+pub struct ControlClient {
+    /// Control replicas, tried in turn.
+    pub urls: Vec<String>,
+    pub hello: Hello,
+    pub config: Arc<ArcSwap<Snapshot>>,
+    pub metrics: Arc<Metrics>,
+    /// Set once the first snapshot is applied.
+    pub configured: Arc<AtomicBool>,
+    /// Snapshots larger than this are refused (nacked).
+    pub max_config_bytes: usize,
+}
+
+enum End {
+    Stopped,
+    Lost(String),
+}
+
+impl ControlClient {
+    /// Runs until `stop` turns true; then says goodbye so the endpoint leaves at once.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = MIN_BACKOFF;
+        let mut next = 0usize;
+        loop {
+            let url = self.urls[next % self.urls.len()].clone();
+            next += 1;
+            match self.session(&url, &mut stop).await {
+                End::Stopped => return,
+                End::Lost(why) => {
+                    tracing::warn!(control = %url, reason = %why, "control plane unavailable; serving the last configuration");
+                }
+            }
+            // Full jitter, so a restarted control plane is not hit by every proxy at once.
+            let wait = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = crate::server::stopped(&mut stop) => return,
+            }
+        }
+    }
+
+    async fn session(&mut self, url: &str, stop: &mut watch::Receiver<bool>) -> End {
+        let endpoint = match tonic::transport::Endpoint::from_shared(url.to_string()) {
+            Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
+            Err(e) => return End::Lost(format!("invalid control URL: {e}")),
+        };
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => return End::Lost(format!("connect: {e}")),
+        };
+        let (tx, rx) = mpsc::channel(8);
+        let hello = ProxyMessage {
+            kind: Some(proxy_message::Kind::Hello(self.hello.clone())),
+        };
+        if tx.send(hello).await.is_err() {
+            return End::Lost("stream closed".into());
+        }
+        let mut client = DiscoveryClient::new(channel).max_decoding_message_size(self.max_config_bytes.max(4 << 20));
+        let mut inbound = match client.stream(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => return End::Lost(format!("stream: {e}")),
+        };
+        tracing::info!(control = %url, "connected to the control plane");
+        loop {
+            tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(snapshot)) => {
+                        let ack = self.apply(snapshot);
+                        if tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Ack(ack)) }).await.is_err() {
+                            return End::Lost("stream closed".into());
+                        }
+                    }
+                    Ok(None) => return End::Lost("stream ended".into()),
+                    Err(e) => return End::Lost(format!("stream: {e}")),
+                },
+                _ = crate::server::stopped(stop) => {
+                    let _ = tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Goodbye(Goodbye {})) }).await;
+                    drop(tx);
+                    // Let the goodbye reach the control plane before the connection goes.
+                    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                        while let Ok(Some(_)) = inbound.message().await {}
+                    }).await;
+                    return End::Stopped;
+                }
+            }
+        }
+    }
+
+    /// Validates and installs a snapshot; the ack says whether it was taken.
+    fn apply(&mut self, snapshot: ConfigSnapshot) -> Ack {
+        let version = snapshot.version;
+        let nack = |error: String| {
+            tracing::error!(version, %error, "configuration from the control plane rejected; keeping the previous one");
+            Ack {
+                version,
+                accepted: false,
+                error,
+            }
+        };
+        if snapshot.resources_yaml.len() > self.max_config_bytes {
+            self.metrics.config_reloads.with_label_values(&["rejected"]).inc();
+            return nack(format!(
+                "snapshot of {} bytes is over this proxy's --max-config-bytes {}",
+                snapshot.resources_yaml.len(),
+                self.max_config_bytes
+            ));
+        }
+        let source = format!("control-plane snapshot {version}");
+        match smesh_model::load(&source, &snapshot.resources_yaml) {
+            Ok(items) => {
+                let previous = self.config.load();
+                let next = Snapshot::build(&items, &previous, &self.metrics, "outbound");
+                self.metrics.config_generation.set(next.generation as i64);
+                self.config.store(Arc::new(next));
+                self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+                self.hello.applied_version = version;
+                self.configured.store(true, Ordering::Release);
+                tracing::info!(version, resources = items.len(), "configuration applied");
+                Ack {
+                    version,
+                    accepted: true,
+                    error: String::new(),
+                }
+            }
+            Err(e) => {
+                self.metrics.config_reloads.with_label_values(&["rejected"]).inc();
+                nack(e.to_string())
+            }
+        }
+    }
+}
