@@ -1,17 +1,23 @@
-//! The demo application: answers every request with who it is, so routing and balancing can
-//! be seen from the outside.
+//! The demo application used by `smesh up`: answers every request with who it is, and can
+//! call another service through its proxy (HTTP by Host, or TCP through an upstream port),
+//! so routing, balancing and topology can be seen from the outside. `--tcp-echo` makes it a
+//! line echo server instead.
 
 use bytes::Bytes;
 use clap::Args;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct DemoArgs {
     /// Address to listen on.
     #[arg(long)]
@@ -22,6 +28,18 @@ pub struct DemoArgs {
     /// Version label to report.
     #[arg(long, default_value = "v1")]
     version: String,
+    /// On each request, also call this service (Host header) through --via.
+    #[arg(long, requires = "via")]
+    call: Option<String>,
+    /// The local proxy's outbound address used for --call.
+    #[arg(long)]
+    via: Option<SocketAddr>,
+    /// On each request, also send a line to this TCP address (e.g. a proxy's upstream port).
+    #[arg(long)]
+    call_tcp: Option<SocketAddr>,
+    /// Be a TCP line echo server instead of an HTTP service.
+    #[arg(long)]
+    tcp_echo: bool,
 }
 
 pub fn run(args: DemoArgs) -> Result<(), String> {
@@ -30,30 +48,106 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start runtime: {e}"))?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen)
+        let listener = TcpListener::bind(args.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-        let identity: &'static str = Box::leak(format!("{} {}", args.name, args.version).into_boxed_str());
-        tracing::info!(listen = %args.listen, identity, "demo app ready");
+        tracing::info!(listen = %args.listen, name = %args.name, version = %args.version, "demo app ready");
+        let args = Arc::new(args);
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
                     let Ok((stream, _)) = accepted else { continue };
+                    let args = args.clone();
                     tokio::spawn(async move {
-                        let service = service_fn(move |req: Request<hyper::body::Incoming>| async move {
-                            let body = format!("hello from {identity}: {} {}\n", req.method(), req.uri().path());
-                            Ok::<_, Infallible>(
-                                Response::builder()
-                                    .header("x-demo-app", identity)
-                                    .body(Full::new(Bytes::from(body)))
-                                    .expect("static response"),
-                            )
-                        });
-                        let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                        if args.tcp_echo {
+                            echo(stream).await;
+                        } else {
+                            let service = service_fn(move |req| answer(args.clone(), req));
+                            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                        }
                     });
                 }
                 _ = tokio::signal::ctrl_c() => return Ok(()),
             }
         }
     })
+}
+
+async fn echo(stream: TcpStream) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if write.write_all(format!("echo: {line}\n").as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn answer(args: Arc<DemoArgs>, req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let mut body = format!(
+        "{} {} answered {} {}\n",
+        args.name,
+        args.version,
+        req.method(),
+        req.uri().path()
+    );
+    if let (Some(host), Some(via)) = (&args.call, args.via) {
+        let reply = match call_http(via, host, req.uri().path()).await {
+            Ok(text) => text,
+            Err(e) => format!("call to {host} failed: {e}\n"),
+        };
+        body.push_str(&format!("  -> {reply}"));
+    }
+    if let Some(addr) = args.call_tcp {
+        let reply = match call_tcp(addr, &args.name).await {
+            Ok(text) => text,
+            Err(e) => format!("tcp call to {addr} failed: {e}"),
+        };
+        body.push_str(&format!("  -> tcp {reply}\n"));
+    }
+    let identity = format!("{} {}", args.name, args.version);
+    Ok(Response::builder()
+        .header("x-demo-app", identity)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+}
+
+async fn call_http(via: SocketAddr, host: &str, path: &str) -> Result<String, String> {
+    let work = async {
+        let stream = TcpStream::connect(via).await.map_err(|e| e.to_string())?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri(path)
+            .header("host", host)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(String::from_utf8_lossy(&bytes).to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+async fn call_tcp(addr: SocketAddr, name: &str) -> Result<String, String> {
+    let work = async {
+        let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        stream
+            .write_all(format!("hello from {name}\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(stream)
+            .read_line(&mut line)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(line.trim_end().to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .map_err(|_| "timed out".to_string())?
 }

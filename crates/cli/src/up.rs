@@ -1,10 +1,12 @@
-//! `smesh up`: a demo on this machine. Starts sample services and a proxy in front of them as
-//! child processes, sends a gentle trickle of requests, and stops everything on Ctrl-C.
+//! `smesh up`: the demo mesh on this machine. A control plane on its embedded store, three
+//! services (`web` calling `api`, which runs as v1 and v2 and calls the TCP service `db`),
+//! each behind its own `smesh proxy`, and a gentle load. Ctrl-C stops all of it.
 
 use clap::Args;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,20 +14,44 @@ use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct UpArgs {
-    /// The proxy's outbound port; the admin port is this + 51, the demo apps use this + 1..3.
+    /// Base port: web's proxy listens on BASE (outbound), the control plane on BASE+40,
+    /// and each service's proxy and app on BASE+100*i+{0,3,11,51}.
     #[arg(long, default_value_t = 4140)]
     port: u16,
+    /// Where the control plane keeps its state (and admin token).
+    #[arg(long, default_value = "smesh-data")]
+    data: PathBuf,
     /// Do not send the background trickle of demo requests.
     #[arg(long)]
     no_load: bool,
 }
 
-struct Children(Vec<(&'static str, Child)>);
+/// Every child, stopped by PID when this is dropped (and by the kernel if we die first).
+struct Children(Vec<(String, Child)>);
+
+impl Children {
+    fn spawn(&mut self, exe: &Path, name: &str, args: &[String], log_dir: &Path) -> Result<(), String> {
+        let log = std::fs::File::create(log_dir.join(format!("{name}.log")))
+            .map_err(|e| format!("cannot create log for {name}: {e}"))?;
+        let mut cmd = Command::new(exe);
+        cmd.args(args).stdout(std::process::Stdio::null()).stderr(log);
+        // If `smesh up` itself is killed, the children go too.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| format!("cannot start {name}: {e}"))?;
+        self.0.push((name.to_string(), child));
+        Ok(())
+    }
+}
 
 impl Drop for Children {
     fn drop(&mut self) {
-        for (_, child) in &mut self.0 {
-            // SIGTERM first so the proxy drains; SIGKILL whatever is left after a moment.
+        // Proxies first (they deregister and drain), then apps, then the control plane.
+        for (_, child) in self.0.iter_mut().rev() {
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         }
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -45,158 +71,252 @@ impl Drop for Children {
     }
 }
 
-fn config(api_v1: SocketAddr, api_v2: SocketAddr, web: SocketAddr) -> String {
-    format!(
-        r#"apiVersion: smesh.io/v1
+const RESOURCES: &str = r#"apiVersion: smesh.io/v1
 kind: Service
-metadata: {{name: web}}
+metadata: {name: web}
 spec:
-  ports: [{{port: 80, protocol: http}}]
-  endpoints: [{{address: "{web}", labels: {{version: v1}}}}]
+  ports: [{port: 80, protocol: http}]
 ---
 apiVersion: smesh.io/v1
 kind: Service
-metadata: {{name: api}}
+metadata: {name: api}
 spec:
-  ports: [{{port: 80, protocol: http}}]
-  endpoints:
-  - {{address: "{api_v1}", labels: {{version: v1}}}}
-  - {{address: "{api_v2}", labels: {{version: v2}}}}
+  ports: [{port: 80, protocol: http}]
+---
+apiVersion: smesh.io/v1
+kind: Service
+metadata: {name: db}
+spec:
+  ports: [{port: 5432, protocol: tcp}]
 ---
 apiVersion: smesh.io/v1
 kind: HTTPRoute
-metadata: {{name: api-canary}}
+metadata: {name: api-canary}
 spec:
-  parentRefs: [{{name: api}}]
+  parentRefs: [{name: api}]
   rules:
-  - matches: [{{headers: [{{name: x-canary, value: "true"}}]}}]
-    backendRefs: [{{name: api, subset: {{version: v2}}}}]
+  - matches: [{headers: [{name: x-canary, value: "true"}]}]
+    backendRefs: [{name: api, subset: {version: v2}}]
   - backendRefs:
-    - {{name: api, subset: {{version: v1}}, weight: 80}}
-    - {{name: api, subset: {{version: v2}}, weight: 20}}
-    timeouts: {{request: 5s}}
-    retry: {{attempts: 2, codes: [502, 503]}}
-"#
-    )
+    - {name: api, subset: {version: v1}, weight: 80}
+    - {name: api, subset: {version: v2}, weight: 20}
+    timeouts: {request: 5s}
+    retry: {attempts: 2, codes: [502, 503]}
+"#;
+
+fn http_ok(addr: SocketAddr, path: &str, host: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.starts_with("HTTP/1.1 200").then_some(out)
 }
 
-fn wait_ready(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-            let mut out = String::new();
-            if s.write_all(req.as_bytes()).is_ok()
-                && s.read_to_string(&mut out).is_ok()
-                && out.starts_with("HTTP/1.1 200")
-            {
-                return true;
-            }
+        if check() {
+            return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    false
+    Err(format!("{what} did not come up within {}s", timeout.as_secs()))
+}
+
+struct Proxy {
+    outbound: SocketAddr,
+    inbound: SocketAddr,
+    admin: SocketAddr,
+    app: SocketAddr,
 }
 
 pub fn run(args: UpArgs) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
-    let dir = std::env::temp_dir().join(format!("smesh-up-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let local = |offset: u16| SocketAddr::from(([127, 0, 0, 1], args.port + offset));
-    let (outbound, admin) = (local(0), local(51));
-    let (api_v1, api_v2, web) = (local(1), local(2), local(3));
-    let config_path = dir.join("mesh.yaml");
-    std::fs::write(&config_path, config(api_v1, api_v2, web)).map_err(|e| format!("cannot write config: {e}"))?;
+    let logs = args.data.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
+    let at = |offset: u16| SocketAddr::from(([127, 0, 0, 1], args.port + offset));
+    let control_addr = at(40);
+    let control_url = format!("http://{control_addr}");
+    let proxy = |i: u16| Proxy {
+        outbound: at(100 * i),
+        inbound: at(100 * i + 3),
+        admin: at(100 * i + 51),
+        app: at(100 * i + 11),
+    };
+    let (web, api_v1, api_v2, db) = (proxy(0), proxy(1), proxy(2), proxy(3));
+    // api's proxies reach db through a local upstream port each.
+    let (db_via_v1, db_via_v2) = (at(100 + 20), at(200 + 20));
 
     let mut children = Children(Vec::new());
-    let spawn = |children: &mut Children, name: &'static str, args: &[String]| -> Result<(), String> {
-        let child = Command::new(&exe)
-            .args(args)
-            .spawn()
-            .map_err(|e| format!("cannot start {name}: {e}"))?;
-        children.0.push((name, child));
-        Ok(())
+    let s = |v: &str| v.to_string();
+    let store = format!("embedded:{}", args.data.display());
+    children.spawn(
+        &exe,
+        "control",
+        &[
+            s("control"),
+            s("--listen"),
+            control_addr.to_string(),
+            s("--store"),
+            store,
+        ],
+        &logs,
+    )?;
+    wait_for("the control plane", Duration::from_secs(10), || {
+        http_ok(control_addr, "/healthz", "control").is_some()
+    })?;
+    let token_file = args.data.join("admin-token");
+    apply(&exe, &control_url, &token_file)?;
+
+    let app = |name: &str, version: &str, p: &Proxy, extra: &[String]| {
+        let mut a = vec![
+            s("demo-app"),
+            s("--name"),
+            s(name),
+            s("--version"),
+            s(version),
+            s("--listen"),
+            p.app.to_string(),
+        ];
+        a.extend_from_slice(extra);
+        a
     };
-    for (name, version, addr) in [("api", "v1", api_v1), ("api", "v2", api_v2), ("web", "v1", web)] {
-        let args = [
-            "demo-app",
-            "--name",
-            name,
-            "--version",
-            version,
-            "--listen",
-            &addr.to_string(),
-        ]
-        .map(String::from);
-        spawn(&mut children, "demo app", &args)?;
+    children.spawn(&exe, "db", &app("db", "v1", &db, &[s("--tcp-echo")]), &logs)?;
+    children.spawn(
+        &exe,
+        "api-v1",
+        &app("api", "v1", &api_v1, &[s("--call-tcp"), db_via_v1.to_string()]),
+        &logs,
+    )?;
+    children.spawn(
+        &exe,
+        "api-v2",
+        &app("api", "v2", &api_v2, &[s("--call-tcp"), db_via_v2.to_string()]),
+        &logs,
+    )?;
+    let web_extra = [s("--call"), s("api"), s("--via"), web.outbound.to_string()];
+    children.spawn(&exe, "web", &app("web", "v1", &web, &web_extra), &logs)?;
+
+    let proxy_args = |service: &str, version: &str, p: &Proxy, upstream: Option<SocketAddr>| {
+        let mut a = vec![
+            s("proxy"),
+            s("--control"),
+            control_url.clone(),
+            s("--service"),
+            s(service),
+            s("--labels"),
+            format!("version={version}"),
+            s("--app"),
+            p.app.to_string(),
+            s("--inbound"),
+            p.inbound.to_string(),
+            s("--outbound"),
+            p.outbound.to_string(),
+            s("--admin"),
+            p.admin.to_string(),
+            s("--drain-timeout"),
+            s("2s"),
+        ];
+        if let Some(u) = upstream {
+            a.extend([s("--upstream"), format!("db={u}")]);
+        }
+        a
+    };
+    children.spawn(&exe, "proxy-web", &proxy_args("web", "v1", &web, None), &logs)?;
+    children.spawn(
+        &exe,
+        "proxy-api-v1",
+        &proxy_args("api", "v1", &api_v1, Some(db_via_v1)),
+        &logs,
+    )?;
+    children.spawn(
+        &exe,
+        "proxy-api-v2",
+        &proxy_args("api", "v2", &api_v2, Some(db_via_v2)),
+        &logs,
+    )?;
+    children.spawn(&exe, "proxy-db", &proxy_args("db", "v1", &db, None), &logs)?;
+    for p in [&web, &api_v1, &api_v2, &db] {
+        wait_for("a proxy", Duration::from_secs(10), || {
+            http_ok(p.admin, "/ready", "admin").is_some()
+        })?;
     }
-    let proxy_args = [
-        "proxy".to_string(),
-        "--config".into(),
-        config_path.display().to_string(),
-        "--outbound".into(),
-        outbound.to_string(),
-        "--admin".into(),
-        admin.to_string(),
-        "--drain-timeout".into(),
-        "2s".into(),
-    ];
-    spawn(&mut children, "proxy", &proxy_args)?;
-    if !wait_ready(admin, "/ready", Duration::from_secs(10)) {
-        return Err("the proxy did not become ready within 10s".into());
-    }
-    print_banner(outbound, admin, &config_path);
+    wait_for("the demo", Duration::from_secs(10), || {
+        http_ok(web.outbound, "/", "web").is_some_and(|r| r.contains("api") && r.contains("echo:"))
+    })?;
+    print_banner(&args, control_addr, &web, &token_file, &logs);
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = (!args.no_load).then(|| {
         let stop = stop.clone();
-        std::thread::spawn(move || trickle(outbound, &stop))
+        let target = web.outbound;
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = http_ok(target, "/trickle", "web");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
     });
-    wait_for_ctrl_c()?;
+    wait_for_signal()?;
     eprintln!("\nstopping the demo...");
     stop.store(true, Ordering::Relaxed);
     if let Some(load) = load {
         let _ = load.join();
     }
     drop(children);
-    let _ = std::fs::remove_dir_all(&dir);
     eprintln!("stopped.");
     Ok(())
 }
 
-fn print_banner(outbound: SocketAddr, admin: SocketAddr, config: &Path) {
+fn apply(exe: &Path, control: &str, token_file: &Path) -> Result<(), String> {
+    let mut child = Command::new(exe)
+        .args(["apply", "-f", "-", "--control", control, "--token-file"])
+        .arg(token_file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run smesh apply: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(RESOURCES.as_bytes())
+            .map_err(|e| format!("smesh apply: {e}"))?;
+    }
+    let status = child.wait().map_err(|e| format!("smesh apply: {e}"))?;
+    if !status.success() {
+        return Err("applying the demo resources failed".into());
+    }
+    Ok(())
+}
+
+fn print_banner(args: &UpArgs, control: SocketAddr, web: &Proxy, token: &Path, logs: &Path) {
+    let web_out = web.outbound;
     println!(
         r#"
-smesh demo is up.
-  proxy outbound   http://{outbound}   (send requests with Host: api or Host: web)
-  proxy admin      http://{admin}/metrics  /config  /ready
-  configuration    {config}  (edit it: the proxy reloads it live)
+smesh demo mesh is up.
+  control plane    http://{control}   (state and admin token in {data})
+  web's proxy      http://{web_out}   admin http://{web_admin}/metrics
+  logs             {logs}/
 
 Try:
-  curl -H 'Host: api' http://{outbound}/hello            # 80% api v1, 20% api v2
-  curl -H 'Host: api' -H 'x-canary: true' http://{outbound}/hello   # always v2
-  curl -x http://{outbound} http://web/                   # as an HTTP proxy
-  curl -s http://{admin}/metrics | grep smesh_requests_total
+  curl -H 'Host: web' http://{web_out}/hello                  # web -> api (80% v1, 20% v2) -> db (TCP)
+  curl -H 'Host: api' -H 'x-canary: true' http://{web_out}/    # always api v2
+  curl -x http://{web_out} http://api/                          # the proxy as an HTTP proxy
+  export SMESH_CONTROL=http://{control} SMESH_TOKEN_FILE={token}
+  smesh get services; smesh get endpoints api; smesh get proxies
+  smesh kv put demo/greeting hello; smesh kv get demo/greeting
+  curl -s http://{web_admin}/metrics | grep smesh_requests_total
 
 Ctrl-C stops everything."#,
-        config = config.display()
+        data = args.data.display(),
+        web_admin = web.admin,
+        token = token.display(),
+        logs = logs.display(),
     );
 }
 
-/// A gentle background load so the metrics move: two requests a second.
-fn trickle(outbound: SocketAddr, stop: &AtomicBool) {
-    while !stop.load(Ordering::Relaxed) {
-        if let Ok(mut s) = TcpStream::connect_timeout(&outbound, Duration::from_millis(500)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let _ = s.write_all(b"GET /trickle HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n");
-            let _ = s.read_to_end(&mut Vec::new());
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-fn wait_for_ctrl_c() -> Result<(), String> {
+fn wait_for_signal() -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -8,13 +8,13 @@
 //! - `lease_keys`: (lease id, key) -> (), the index used to delete a lease's keys without a full scan.
 //!
 //! Writes (transactions, lease grants and revocations, expiries) all go through one writer thread. It takes
-//! every queued command (group commit: up to [`MAX_BATCH`]), applies them in order inside one redb write
+//! every queued command (group commit: up to `MAX_BATCH`), applies them in order inside one redb write
 //! transaction, each command that changes keys getting its own revision, commits with
 //! `Durability::Immediate`, and only then publishes the events and answers the callers. So an acknowledged
 //! write is on disk, and the fsync cost is shared by concurrent writers. If a batch fails it is retried one
 //! command at a time, so one bad command (e.g. a value too large for redb) does not fail its neighbours.
 //!
-//! Watches: the writer publishes each revision's events to the [`Hub`] under its mutex, in revision order,
+//! Watches: the writer publishes each revision's events to the `Hub` under its mutex, in revision order,
 //! appending them to a bounded history and handing them to the live watchers in the same critical section.
 //! `watch` takes the same mutex to replay the history and register the watcher, so every revision is seen
 //! exactly once: either it was published before the registration (then it is in the replay) or after (then it
