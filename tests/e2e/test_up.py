@@ -1,0 +1,99 @@
+"""Issue 4, acceptance 8: `smesh up` starts the demo mesh, the demo answers through the mesh
+(web's proxy reaches api v1 and v2, and api reaches the TCP service db), and Ctrl-C (SIGINT to
+`smesh up` alone) leaves no process behind."""
+import os
+import random
+import signal
+import socket
+
+import pytest
+
+from meshlib import SMESH_BIN, http_request, wait_until
+
+# Port offsets `smesh up --port BASE` uses (see crates/cli/src/up.rs).
+OFFSETS = [40] + [100 * i + o for i in range(4) for o in (0, 3, 11, 51)] + [120, 220]
+
+
+def _free_base():
+    for _ in range(100):
+        base = random.randrange(20000, 40000, 10)
+        ok = True
+        for off in OFFSETS:
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", base + off))
+            except OSError:
+                ok = False
+            finally:
+                s.close()
+            if not ok:
+                break
+        if ok:
+            return base
+    raise RuntimeError("no free port range for smesh up")
+
+
+def _children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # ppid
+            out.append(int(entry))
+    return out
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_smesh_up_demo_answers_through_the_mesh_and_ctrl_c_stops_everything(run, tmp_path):
+    base = _free_base()
+    up = run.spawn([SMESH_BIN, "up", "--port", base, "--data", tmp_path / "data", "--no-load"], "up")
+    wait_until(lambda: "demo mesh is up" in up.stdout() or up.poll() is not None, 60, interval=0.1,
+               what="smesh up banner")
+    assert up.poll() is None, f"smesh up exited: {up.stderr()[-3000:]}"
+    children = _children(up.pid)
+    # control plane, four demo apps, four proxies
+    assert len(children) == 9, children
+
+    # web -> api -> db, all through proxies
+    r = http_request(base, "/hello", host="web")
+    assert r.status == 200, r
+    text = r.body.decode()
+    assert "web v1 answered GET /hello" in text, text
+    assert "api v" in text and "echo: hello from api" in text, text
+
+    # the canary split reaches both versions through web's proxy; the header pins v2
+    versions = set()
+    for i in range(60):
+        r = http_request(base, f"/v/{i}", host="api")
+        assert r.status == 200, r
+        versions.add(r.header("x-demo-app"))
+    assert versions == {"api v1", "api v2"}, versions
+    for i in range(5):
+        r = http_request(base, "/canary", host="api", headers={"x-canary": "true"})
+        assert r.header("x-demo-app") == "api v2", r
+
+    # Ctrl-C: SIGINT to `smesh up` only; it must stop every child itself
+    up.signal(signal.SIGINT)
+    assert up.wait(30) == 0, up.stderr()[-3000:]
+    wait_until(lambda: not any(_alive(c) for c in children), 10, what="demo processes to exit")
+    for off in OFFSETS:
+        s = socket.socket()
+        try:
+            s.settimeout(0.5)
+            assert s.connect_ex(("127.0.0.1", base + off)) != 0, f"port {base + off} still open"
+        finally:
+            s.close()
