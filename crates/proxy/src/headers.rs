@@ -18,6 +18,14 @@ const HOP_BY_HOP: &[HeaderName] = &[
 /// Removes hop-by-hop headers (and those named in `Connection`). `te: trailers` is kept
 /// because gRPC needs it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (standard names compare cheaply)
+    // is cheaper than a hash lookup per hop-by-hop name.
+    let present = headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection");
+    if !present {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -130,7 +130,6 @@ impl HttpProxy {
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let upgrade_header = req.headers().get(header::UPGRADE).cloned();
-        let target_authority = authority(&req).and_then(|a| a.parse::<Authority>().ok());
         let (mut parts, incoming) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         if let Some(value) = upgrade_header.filter(|_| upgrade) {
@@ -199,7 +198,7 @@ impl HttpProxy {
                     (None, Some(body), Some(_)) => (body, head.take().expect("checked above")),
                     _ => return Err((ProxyError::UpstreamFailed, "request body already sent".into())),
                 };
-                let upstream_req = build_request(parts, version, target_authority.as_ref(), body);
+                let upstream_req = build_request(parts, version, body);
                 let in_flight = InFlight::start(&endpoint);
                 let send = pool::send(endpoint.addr, version, upstream_req, limits.connect_timeout, upgrade);
                 let outcome = match rule.try_timeout {
@@ -328,27 +327,29 @@ fn copy_head(p: &Parts) -> Parts {
 /// The request as the upstream should see it: HTTP/2 wants an absolute URI (`:authority`),
 /// HTTP/1.1 an origin-form one and a `Host` header. Works on either form, so a head handed
 /// back by a failed connect can be rebuilt for another endpoint.
-fn build_request(mut parts: Parts, version: Version, target: Option<&Authority>, body: Body) -> Request<Body> {
-    parts.version = version;
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+fn build_request(mut parts: Parts, version: Version, body: Body) -> Request<Body> {
     if version == Version::HTTP_2 {
-        let mut uri = Uri::builder().scheme(Scheme::HTTP).path_and_query(path.clone());
-        if let Some(a) = target {
-            uri = uri.authority(a.clone());
+        if parts.uri.scheme().is_none() || parts.uri.authority().is_none() {
+            let authority = parts.uri.authority().cloned().or_else(|| {
+                parts.headers.get(header::HOST).and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            });
+            let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+            let mut uri = Uri::builder().scheme(Scheme::HTTP).path_and_query(path.clone());
+            if let Some(a) = authority {
+                uri = uri.authority(a);
+            }
+            parts.uri = uri.build().unwrap_or_else(|_| Uri::from(path));
         }
-        parts.uri = uri.build().unwrap_or_else(|_| Uri::from(path));
         parts.headers.remove(header::HOST);
-    } else {
-        parts.uri = Uri::from(path);
-        if let Some(a) = target.filter(|_| !parts.headers.contains_key(header::HOST)) {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+    } else if parts.uri.authority().is_some() {
+        if !parts.headers.contains_key(header::HOST) {
+            if let Some(v) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
                 parts.headers.insert(header::HOST, v);
             }
         }
+        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(path);
     }
+    parts.version = version;
     Request::from_parts(parts, body)
 }
