@@ -28,8 +28,9 @@ pub struct ControlOptions {
     pub lease_ttl: Duration,
 }
 
-/// Opens the store named by `spec`; also returns the data directory, if any.
-pub fn open_store(spec: &str) -> Result<(Arc<dyn store::Store>, Option<PathBuf>), String> {
+/// Opens the store named by `spec`; also returns the data directory, if any. An etcd store keeps its
+/// keys under `/smesh` and needs the cluster reachable to open.
+pub async fn open_store(spec: &str) -> Result<(Arc<dyn store::Store>, Option<PathBuf>), String> {
     match spec.split_once(':') {
         Some(("embedded", dir)) if !dir.is_empty() => {
             let dir = PathBuf::from(dir);
@@ -37,7 +38,16 @@ pub fn open_store(spec: &str) -> Result<(Arc<dyn store::Store>, Option<PathBuf>)
                 .map_err(|e| format!("cannot open store in {}: {e}", dir.display()))?;
             Ok((store, Some(dir)))
         }
-        Some(("etcd", _)) => Err("the etcd store is not available in this build yet; use --store embedded:DIR".into()),
+        Some(("etcd", urls)) if !urls.is_empty() => {
+            let endpoints: Vec<String> = urls.split(',').map(|u| u.trim().to_string()).collect();
+            if endpoints.iter().any(String::is_empty) {
+                return Err(format!("invalid --store {spec:?}: empty etcd endpoint"));
+            }
+            let store = store::etcd::EtcdStore::connect(&endpoints, "/smesh")
+                .await
+                .map_err(|e| format!("cannot open the etcd store: {e}"))?;
+            Ok((store, None))
+        }
         _ => Err(format!(
             "invalid --store {spec:?}: expected embedded:DIR or etcd:URL[,URL...]"
         )),
@@ -91,7 +101,7 @@ pub fn run(options: ControlOptions) -> Result<(), String> {
 }
 
 async fn serve(options: ControlOptions) -> Result<(), String> {
-    let (store, data_dir) = open_store(&options.store)?;
+    let (store, data_dir) = open_store(&options.store).await?;
     let token = admin_token(options.admin_token_file.as_deref(), data_dir.as_deref())?;
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await

@@ -1,6 +1,6 @@
 //! The control plane's state: a revisioned, watchable, transactional key/value store with
 //! leases (the etcd v3 model). Two implementations share these semantics: [`embedded`]
-//! (a single redb file, the default) and etcd (for HA; a later increment).
+//! (a single redb file, the default) and [`etcd`] (a real etcd v3 cluster, for HA).
 //!
 //! Every successful write gets the next store-wide revision. A key remembers the revision
 //! that created it and the one that last modified it. A watch delivers, in revision order,
@@ -8,6 +8,7 @@
 //! (with a delete event) when the lease expires or is revoked.
 
 pub mod embedded;
+pub mod etcd;
 
 use std::fmt;
 use std::future::Future;
