@@ -217,6 +217,18 @@ class Runner:
         px.start(wait_ready=wait_ready)
         return px
 
+    # ---- the control plane (test_control_*.py)
+
+    def control(self, **kw):
+        """Start `smesh control` (see ControlPlane) and wait until it answers."""
+        return ControlPlane(self, **kw).start()
+
+    def mesh_proxy(self, control_urls, wait_ready=True, **kw):
+        """Start `smesh proxy --control ...` (see ControlledProxy)."""
+        px = ControlledProxy(self, control_urls, **kw)
+        px.start(wait_ready=wait_ready)
+        return px
+
     def smesh(self, *args, timeout=30):
         """Run a short-lived smesh command to completion (bounded); returns CompletedProcess."""
         return subprocess.run([SMESH_BIN, *map(str, args)], capture_output=True, text=True,
@@ -540,3 +552,211 @@ def nghttp_codes(port, authority, paths, timeout=20):
         if m:
             out.append((m.group(2), int(m.group(1))))
     return out
+
+
+# --------------------------------------------------------------------------- control plane
+# (added for the control-plane tests, test_control_*.py; nothing above depends on it)
+
+def _clean_cli_env():
+    env = dict(os.environ)
+    for v in ("SMESH_CONTROL", "SMESH_TOKEN", "SMESH_TOKEN_FILE", "RUST_LOG", "SMESH_LOG"):
+        env.pop(v, None)
+    return env
+
+
+class ControlPlane:
+    """`smesh control` on a port and store picked here (or given, to restart on the same ones)."""
+
+    def __init__(self, runner, port=None, store_dir=None, token_file=None, lease_ttl=None,
+                 extra_args=(), name="control"):
+        self.runner = runner
+        self.port = port or free_port()
+        self.store_dir = store_dir or os.path.join(runner.workdir, f"{name}-data")
+        self.token_file_arg = token_file
+        self.lease_ttl = lease_ttl
+        self.extra_args = [str(x) for x in extra_args]
+        self.name = name
+        self.proc = None
+
+    @property
+    def url(self):
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def token_file(self):
+        return self.token_file_arg or os.path.join(self.store_dir, "admin-token")
+
+    @property
+    def token(self):
+        with open(self.token_file) as f:
+            return f.read().strip()
+
+    def args(self):
+        a = [SMESH_BIN, "control", "--listen", f"{LOOPBACK}:{self.port}",
+             "--store", f"embedded:{self.store_dir}", "--log-level", "info"]
+        if self.token_file_arg:
+            a += ["--admin-token-file", self.token_file_arg]
+        if self.lease_ttl:
+            a += ["--lease-ttl", self.lease_ttl]
+        return a + self.extra_args
+
+    def start(self, wait_ready=True, timeout=20):
+        if not os.path.exists(SMESH_BIN):
+            raise RuntimeError(f"smesh binary not found at {SMESH_BIN} (set SMESH_BIN or build it)")
+        self.proc = self.runner.spawn(self.args(), self.name, env=_clean_cli_env())
+        if wait_ready:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout=20):
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"smesh control exited with {self.proc.poll()}:\n{self.proc.tail()}")
+            try:
+                return http_request(self.port, "/healthz", host=f"{LOOPBACK}:{self.port}",
+                                    timeout=1).status == 200
+            except OSError:
+                return False
+        wait_until(ready, timeout, what="smesh control /healthz")
+
+    def kill9(self):
+        """SIGKILL the control plane (by its pid) and reap it."""
+        self.proc.signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def restart(self, wait_ready=True):
+        """A new process on the same port and store (the old one must be gone)."""
+        return ControlPlane(self.runner, port=self.port, store_dir=self.store_dir,
+                            token_file=self.token_file_arg, lease_ttl=self.lease_ttl,
+                            extra_args=self.extra_args, name=self.name).start(wait_ready)
+
+    def stderr(self):
+        return self.proc.stderr() if self.proc else ""
+
+    # ---- clients
+
+    def cli(self, *args, token=True, input=None, timeout=30, env_extra=None):
+        """Run `smesh ARGS` against this control plane: SMESH_CONTROL set, the token via
+        SMESH_TOKEN_FILE when token is True (a string: that token via --token), none otherwise;
+        cwd is the test's temp dir so no ./smesh-data/admin-token is found by accident."""
+        env = _clean_cli_env()
+        env["SMESH_CONTROL"] = self.url
+        extra = []
+        if token is True:
+            env["SMESH_TOKEN_FILE"] = self.token_file
+        elif isinstance(token, str):
+            extra = ["--token", token]
+        if env_extra:
+            env.update(env_extra)
+        argv = [str(a) for a in args]
+        # flags of `smesh kv` go before its subcommand
+        if extra and argv and argv[0] == "kv":
+            argv = ["kv", *extra, *argv[1:]]
+        else:
+            argv = argv + extra
+        return subprocess.run([SMESH_BIN, *argv], capture_output=True, text=True, timeout=timeout,
+                              input=input, stdin=None if input is not None else subprocess.DEVNULL,
+                              env=env, cwd=self.runner.workdir)
+
+    def api(self, method, path, body=None, token=True, headers=None, timeout=10):
+        """One HTTP request to the API; token True: the admin token, a string: that token."""
+        h = dict(headers or {})
+        if token is True:
+            h["Authorization"] = f"Bearer {self.token}"
+        elif isinstance(token, str):
+            h["Authorization"] = f"Bearer {token}"
+        if isinstance(body, str):
+            body = body.encode()
+        return http_request(self.port, path, host=f"{LOOPBACK}:{self.port}", method=method,
+                            headers=h, body=body, timeout=timeout)
+
+    def apply_json(self, files, token=True):
+        """POST /api/v1/apply with {"files": [{"name", "text"}]}; files: [(name, text)]."""
+        body = json.dumps({"files": [{"name": n, "text": t} for n, t in files]})
+        return self.api("POST", "/api/v1/apply", body=body, token=token,
+                        headers={"Content-Type": "application/json"})
+
+    def proxies(self):
+        r = self.api("GET", "/api/v1/proxies", token=False)
+        assert r.status == 200, r
+        return r.json()["items"]
+
+    def endpoints(self, service):
+        """The endpoints of service as the API lists them; [] when it answers 404."""
+        r = self.api("GET", f"/api/v1/endpoints/{service}", token=False)
+        if r.status == 404:
+            return []
+        assert r.status == 200, r
+        return r.json()["endpoints"]
+
+
+class ControlledProxy(Proxy):
+    """`smesh proxy --control URL` (no --config): a pure client, or registered with --service."""
+
+    def __init__(self, runner, control_urls, service=None, app_port=None, labels=None,
+                 lease_ttl=None, max_config_bytes=None, extra_args=(), name="proxy"):
+        self.runner = runner
+        self.name = name
+        self.control_urls = control_urls if isinstance(control_urls, str) else ",".join(control_urls)
+        self.service = service
+        self.outbound = free_port()
+        self.admin = free_port()
+        self.app_port = app_port
+        self.inbound = free_port() if app_port else None
+        self.upstream = {}
+        self.labels = labels
+        self.lease_ttl = lease_ttl
+        self.max_config_bytes = max_config_bytes
+        self.extra_args = [str(x) for x in extra_args]
+        self.proc = None
+        self.config_path = None
+
+    @property
+    def inbound_address(self):
+        return f"{LOOPBACK}:{self.inbound}" if self.inbound else None
+
+    def args(self):
+        a = [SMESH_BIN, "proxy", "--control", self.control_urls,
+             "--outbound", f"{LOOPBACK}:{self.outbound}", "--admin", f"{LOOPBACK}:{self.admin}",
+             "--log-level", "info"]
+        if self.service:
+            a += ["--service", self.service]
+        if self.app_port:
+            a += ["--inbound", f"{LOOPBACK}:{self.inbound}", "--app", f"{LOOPBACK}:{self.app_port}"]
+        if self.labels:
+            a += ["--labels", ",".join(f"{k}={v}" for k, v in self.labels.items())]
+        if self.lease_ttl:
+            a += ["--lease-ttl", self.lease_ttl]
+        if self.max_config_bytes is not None:
+            a += ["--max-config-bytes", self.max_config_bytes]
+        return a + self.extra_args
+
+    def is_ready(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.poll()}:\n{self.proc.tail()}")
+        try:
+            return http_request(self.admin, "/ready", host="admin", timeout=1).status == 200
+        except OSError:
+            return False
+
+    def config_text(self):
+        r = self.admin_get("/config")
+        assert r.status == 200, r
+        return r.body.decode()
+
+
+def start_controlled_proxies(runner, control_urls, n, name="client", timeout=60, **kw):
+    """Start n ControlledProxy processes at once, then wait until every one is /ready."""
+    pxs = []
+    for i in range(n):
+        px = ControlledProxy(runner, control_urls, name=f"{name}{i}", **kw)
+        px.start(wait_ready=False)
+        pxs.append(px)
+    pending = list(pxs)
+
+    def all_ready():
+        pending[:] = [p for p in pending if not p.is_ready()]
+        return not pending
+    wait_until(all_ready, timeout, interval=0.1, what=f"{n} proxies /ready")
+    return pxs
+

@@ -36,7 +36,7 @@ def _bad_files():
 
 
 def _check_message(err, f, needles):
-    # SPEC-proxy.md: each error line is "FILE: document N (Kind \"name\"): FIELD.PATH: reason"
+    # README (configuration reference): each error line is "FILE: document N (Kind \"name\"): FIELD.PATH: reason"
     assert re.search(re.escape(str(f)) + r": document \d+", err), \
         f"no 'FILE: document N' in the error: {err!r}"
     for n in needles:

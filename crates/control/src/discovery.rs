@@ -2,7 +2,7 @@
 //! a lease it keeps alive while the stream lives, pushes every new snapshot, and records
 //! acks and nacks.
 
-use crate::feed::Composed;
+use crate::feed::Feed;
 use crate::keys;
 use crate::registry::{ProxyStatus, Registration};
 use crate::store::{Compare, LeaseId, Op, Store, StoreError};
@@ -10,13 +10,13 @@ use smesh_api::v1::discovery_server::Discovery;
 use smesh_api::v1::{proxy_message, ConfigSnapshot, Hello, ProxyMessage};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 pub struct DiscoveryService {
     pub store: Arc<dyn Store>,
-    pub feed: watch::Receiver<Arc<Composed>>,
+    pub feed: Feed,
     pub default_ttl: Duration,
     /// This replica's address, shown in `smesh get proxies`.
     pub replica: String,
@@ -137,16 +137,17 @@ impl Session {
     async fn run(
         mut self,
         mut inbound: Streaming<ProxyMessage>,
-        mut feed: watch::Receiver<Arc<Composed>>,
+        mut feed: Feed,
         tx: mpsc::Sender<Result<ConfigSnapshot, Status>>,
     ) {
         let mut keep_alive = tokio::time::interval(self.ttl / 3);
         keep_alive.tick().await;
-        let mut sent = 0u64;
+        // A reconnecting proxy says what it already has, so that is not sent again.
+        let mut sent = (self.hello.applied_version != 0).then_some(self.hello.applied_version);
         let mut goodbye = false;
         loop {
             let current = feed.borrow_and_update().clone();
-            if current.version != 0 && current.version != sent && current.version != self.hello.applied_version {
+            if let Some(current) = current.filter(|c| sent != Some(c.version)) {
                 let snapshot = ConfigSnapshot {
                     version: current.version,
                     resources_yaml: current.yaml.to_string(),
@@ -154,8 +155,8 @@ impl Session {
                 if tx.send(Ok(snapshot)).await.is_err() {
                     break;
                 }
-                sent = current.version;
-                self.status.sent_version = sent;
+                sent = Some(current.version);
+                self.status.sent_version = current.version;
             }
             tokio::select! {
                 changed = feed.changed() => if changed.is_err() { break },

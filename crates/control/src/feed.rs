@@ -3,7 +3,7 @@
 
 use crate::compose::compose;
 use crate::keys;
-use crate::store::{Store, StoreError};
+use crate::store::{KeyValue, Store, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -14,13 +14,12 @@ pub struct Composed {
     pub yaml: Arc<str>,
 }
 
-/// Starts the feed; the receiver always holds the newest snapshot (version 0 until the
-/// first read of the store).
-pub fn start(store: Arc<dyn Store>) -> watch::Receiver<Arc<Composed>> {
-    let (tx, rx) = watch::channel(Arc::new(Composed {
-        version: 0,
-        yaml: Arc::from(""),
-    }));
+/// The newest snapshot; `None` until the store has been read once.
+pub type Feed = watch::Receiver<Option<Arc<Composed>>>;
+
+/// Starts the feed; the receiver always holds the newest snapshot.
+pub fn start(store: Arc<dyn Store>) -> Feed {
+    let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         loop {
             if let Err(e) = follow(store.as_ref(), &tx).await {
@@ -35,7 +34,7 @@ pub fn start(store: Arc<dyn Store>) -> watch::Receiver<Arc<Composed>> {
     rx
 }
 
-async fn follow(store: &dyn Store, tx: &watch::Sender<Arc<Composed>>) -> Result<(), StoreError> {
+async fn follow(store: &dyn Store, tx: &watch::Sender<Option<Arc<Composed>>>) -> Result<(), StoreError> {
     let (kvs, revision) = store.list(keys::MESH).await?;
     publish(tx, revision, &kvs);
     let mut events = store.watch(keys::MESH, revision).await?;
@@ -54,17 +53,15 @@ async fn follow(store: &dyn Store, tx: &watch::Sender<Arc<Composed>>) -> Result<
     Err(StoreError::Backend("watch ended".into()))
 }
 
-fn publish(tx: &watch::Sender<Arc<Composed>>, version: u64, kvs: &[crate::store::KeyValue]) {
+fn publish(tx: &watch::Sender<Option<Arc<Composed>>>, version: u64, kvs: &[KeyValue]) {
     let resources = compose(kvs);
     let yaml = smesh_model::to_yaml(&resources);
     tx.send_if_modified(|current| {
-        if current.yaml.as_ref() == yaml && current.version != 0 {
+        // Unchanged content (e.g. after a re-read) is not pushed again.
+        if current.as_ref().is_some_and(|c| c.yaml.as_ref() == yaml) {
             return false;
         }
-        *current = Arc::new(Composed {
-            version,
-            yaml: Arc::from(yaml.as_str()),
-        });
+        *current = Some(Arc::new(Composed { version, yaml: Arc::from(yaml.as_str()) }));
         true
     });
     tracing::debug!(version, "configuration snapshot composed");
