@@ -83,7 +83,8 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 
 /// Parses `grpc-timeout` (e.g. `100m`, `5S`): a positive integer of at most 8 digits and a unit.
 pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+    let v = headers.get(&GRPC_TIMEOUT)?.to_str().ok()?;
     if v.len() < 2 || v.len() > 9 {
         return None;
     }

@@ -4,6 +4,7 @@
 use crate::balance::{Balancer, Endpoint, EndpointStats};
 use crate::metrics::Metrics;
 use crate::route::{RetryPolicy, RouteMatch, Rule, WeightedBackend};
+use rustc_hash::FxHashMap;
 use smesh_model::{HttpRoute, Protocol, Resource, Service, Sourced};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -14,8 +15,9 @@ pub struct Snapshot {
     /// The resources this snapshot was built from, for `/config`.
     pub resources: Vec<Resource>,
     services: Vec<ServiceTable>,
-    by_name: HashMap<String, usize>,
-    by_host: HashMap<String, usize>,
+    by_name: FxHashMap<String, usize>,
+    /// Host names are configuration, not request data: FxHash is safe and cheap here.
+    by_host: FxHashMap<String, usize>,
 }
 
 /// Everything needed to route a request addressed to one Service.
@@ -47,8 +49,8 @@ impl Snapshot {
             generation: 0,
             resources: Vec::new(),
             services: Vec::new(),
-            by_name: HashMap::new(),
-            by_host: HashMap::new(),
+            by_name: FxHashMap::default(),
+            by_host: FxHashMap::default(),
         }
     }
 
@@ -135,8 +137,8 @@ impl Snapshot {
                 .and_then(|s| s.spec.ports.iter().find_map(|p| p.protocol))
         };
         let mut tables = Vec::new();
-        let mut by_name = HashMap::new();
-        let mut by_host = HashMap::new();
+        let mut by_name = FxHashMap::default();
+        let mut by_host = FxHashMap::default();
         for (index, s) in services.iter().enumerate() {
             let name: Arc<str> = Arc::from(s.metadata.name.as_str());
             let balancer = balancer_for(&name, &BTreeMap::new());
