@@ -28,6 +28,8 @@ pub fn canonical_kind(kind: &str) -> Option<&'static str> {
     match kind.to_ascii_lowercase().as_str() {
         "service" | "services" | "svc" => Some("Service"),
         "httproute" | "httproutes" | "route" | "routes" => Some("HTTPRoute"),
+        "meshconfig" | "meshconfigs" => Some("MeshConfig"),
+        "authorizationpolicy" | "authorizationpolicies" | "authz" => Some("AuthorizationPolicy"),
         _ => None,
     }
 }

@@ -10,9 +10,11 @@ pub mod duration;
 mod error;
 mod parse;
 mod resources;
+mod security;
 mod validate;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use parse::{load, parse, to_yaml, Source, Sourced};
 pub use resources::*;
+pub use security::*;
 pub use validate::validate;

@@ -112,6 +112,8 @@ fn parse_value(source: &Source, value: Value) -> Result<Resource, ConfigError> {
     match kind.as_deref() {
         Some("Service") => typed(value).map(Resource::Service),
         Some("HTTPRoute") => typed(value).map(Resource::HttpRoute),
+        Some("MeshConfig") => typed(value).map(Resource::MeshConfig),
+        Some("AuthorizationPolicy") => typed(value).map(Resource::AuthorizationPolicy),
         Some(other) => Err((
             "kind".to_string(),
             format!("unknown kind {other:?}, expected one of {:?}", Resource::KINDS),

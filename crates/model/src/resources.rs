@@ -33,15 +33,19 @@ pub type HttpRoute = Object<HttpRouteSpec>;
 pub enum Resource {
     Service(Service),
     HttpRoute(HttpRoute),
+    MeshConfig(crate::MeshConfig),
+    AuthorizationPolicy(crate::AuthorizationPolicy),
 }
 
 impl Resource {
-    pub const KINDS: &'static [&'static str] = &["Service", "HTTPRoute"];
+    pub const KINDS: &'static [&'static str] = &["Service", "HTTPRoute", "MeshConfig", "AuthorizationPolicy"];
 
     pub fn kind(&self) -> &'static str {
         match self {
             Resource::Service(_) => "Service",
             Resource::HttpRoute(_) => "HTTPRoute",
+            Resource::MeshConfig(_) => "MeshConfig",
+            Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
         }
     }
 
@@ -49,6 +53,8 @@ impl Resource {
         match self {
             Resource::Service(s) => &s.metadata.name,
             Resource::HttpRoute(r) => &r.metadata.name,
+            Resource::MeshConfig(m) => &m.metadata.name,
+            Resource::AuthorizationPolicy(p) => &p.metadata.name,
         }
     }
 }
@@ -96,6 +102,10 @@ pub struct Endpoint {
     pub weight: Option<u32>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The SPIFFE ID of the proxy in front of this endpoint: set for endpoints registered by
+    /// smesh proxies, whose traffic then goes over mesh mTLS. None: a plain endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,6 +20,7 @@ pub fn validate(items: &[Sourced]) -> Result<(), ConfigErrors> {
         })
         .collect();
     let mut hostnames: HashMap<String, (&str, &Source)> = HashMap::new();
+    let mut mesh_configs = 0;
 
     for item in items {
         let r = &item.resource;
@@ -57,6 +58,14 @@ pub fn validate(items: &[Sourced]) -> Result<(), ConfigErrors> {
                 }
             }
             Resource::HttpRoute(route) => check.route(route, &services),
+            Resource::MeshConfig(m) => {
+                mesh_configs += 1;
+                if mesh_configs > 1 {
+                    check.fail("kind", "only one MeshConfig may exist");
+                }
+                check.mesh_config(m);
+            }
+            Resource::AuthorizationPolicy(p) => check.authorization(p, &services),
         }
     }
     if errors.is_empty() {
@@ -252,6 +261,66 @@ impl Checker<'_> {
     }
 }
 
+impl Checker<'_> {
+    fn mesh_config(&mut self, m: &crate::MeshConfig) {
+        if let Some(ttl) = m.spec.certificate_ttl {
+            if ttl < crate::MeshConfigSpec::MIN_CERTIFICATE_TTL {
+                self.fail("spec.certificateTtl", "certificate TTL must be at least 5s");
+            }
+        }
+    }
+
+    fn authorization(&mut self, p: &crate::AuthorizationPolicy, services: &HashSet<&str>) {
+        if let Some(kind) = p.spec.target_ref.kind.as_deref().filter(|k| *k != "Service") {
+            self.fail(
+                "spec.targetRef.kind",
+                format!("unsupported target kind {kind:?}, expected \"Service\""),
+            );
+        }
+        if !services.contains(p.spec.target_ref.name.as_str()) {
+            self.fail(
+                "spec.targetRef.name",
+                format!("no Service named {:?}", p.spec.target_ref.name),
+            );
+        }
+        for (r, rule) in p.spec.rules.iter().enumerate() {
+            for (i, from) in rule.from.iter().enumerate() {
+                let at = format!("spec.rules[{r}].from[{i}]");
+                match (&from.service, &from.identity) {
+                    (Some(_), Some(_)) | (None, None) => self.fail(&at, "give exactly one of service or identity"),
+                    (None, Some(id)) if !id.starts_with("spiffe://") => self.fail(
+                        &format!("{at}.identity"),
+                        format!("identity {id:?} must be a spiffe:// ID"),
+                    ),
+                    _ => {}
+                }
+            }
+            for (i, to) in rule.to.iter().enumerate() {
+                let at = format!("spec.rules[{r}].to[{i}]");
+                for (m, method) in to.methods.iter().enumerate() {
+                    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+                        self.fail(&format!("{at}.methods[{m}]"), format!("invalid method {method:?}"));
+                    }
+                }
+                for (k, path) in to.paths.iter().enumerate() {
+                    let star_inside = path.trim_end_matches('*').contains('*') || path.matches('*').count() > 1;
+                    if !path.starts_with('/') || star_inside {
+                        self.fail(
+                            &format!("{at}.paths[{k}]"),
+                            format!("path {path:?} must start with '/' and may only end in '*'"),
+                        );
+                    }
+                }
+                for (k, port) in to.ports.iter().enumerate() {
+                    if *port == 0 {
+                        self.fail(&format!("{at}.ports[{k}]"), "port must be 1-65535");
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn http_header_name_invalid(name: &str) -> bool {
     !name
         .bytes()
@@ -303,6 +372,27 @@ mod tests {
         );
         let e = errors(&SERVICE.replace("Service", "Servise"));
         assert!(e.contains("kind: unknown kind \"Servise\""), "{e}");
+    }
+
+    #[test]
+    fn checks_security_resources() {
+        let policy = "apiVersion: smesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRef: {name: api}\n  rules:\n  - from: [{service: web}]\n    to: [{methods: [GET], paths: ['/api/*']}]\n";
+        let mesh = "apiVersion: smesh.io/v1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {mtls: strict, defaultPolicy: deny, certificateTtl: 10s}\n";
+        assert_eq!(errors(&format!("{SERVICE}---\n{policy}---\n{mesh}")), "");
+        let e = errors(&format!(
+            "{SERVICE}---\n{}",
+            policy
+                .replace("'/api/*'", "'api*x'")
+                .replace("service: web", "identity: web")
+        ));
+        assert!(
+            e.contains("spec.rules[0].from[0].identity") && e.contains("spec.rules[0].to[0].paths[0]"),
+            "{e}"
+        );
+        let e = errors(&format!("{mesh}---\n{}", mesh.replace("name: mesh", "name: other")));
+        assert!(e.contains("only one MeshConfig"), "{e}");
+        let e = errors(&mesh.replace("strict", "strikt"));
+        assert!(e.contains("spec.mtls") && e.contains("unknown variant"), "{e}");
     }
 
     #[test]
