@@ -61,7 +61,10 @@ fn publish(tx: &watch::Sender<Option<Arc<Composed>>>, version: u64, kvs: &[KeyVa
         if current.as_ref().is_some_and(|c| c.yaml.as_ref() == yaml) {
             return false;
         }
-        *current = Some(Arc::new(Composed { version, yaml: Arc::from(yaml.as_str()) }));
+        *current = Some(Arc::new(Composed {
+            version,
+            yaml: Arc::from(yaml.as_str()),
+        }));
         true
     });
     tracing::debug!(version, "configuration snapshot composed");

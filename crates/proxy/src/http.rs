@@ -331,9 +331,16 @@ fn build_request(mut parts: Parts, version: Version, body: Body) -> Request<Body
     if version == Version::HTTP_2 {
         if parts.uri.scheme().is_none() || parts.uri.authority().is_none() {
             let authority = parts.uri.authority().cloned().or_else(|| {
-                parts.headers.get(header::HOST).and_then(|h| Authority::try_from(h.as_bytes()).ok())
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| Authority::try_from(h.as_bytes()).ok())
             });
-            let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+            let path = parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
             let mut uri = Uri::builder().scheme(Scheme::HTTP).path_and_query(path.clone());
             if let Some(a) = authority {
                 uri = uri.authority(a);
@@ -343,11 +350,19 @@ fn build_request(mut parts: Parts, version: Version, body: Body) -> Request<Body
         parts.headers.remove(header::HOST);
     } else if parts.uri.authority().is_some() {
         if !parts.headers.contains_key(header::HOST) {
-            if let Some(v) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            if let Some(v) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
                 parts.headers.insert(header::HOST, v);
             }
         }
-        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.uri = Uri::from(path);
     }
     parts.version = version;
