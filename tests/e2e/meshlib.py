@@ -760,3 +760,121 @@ def start_controlled_proxies(runner, control_urls, n, name="client", timeout=60,
     wait_until(all_ready, timeout, interval=0.1, what=f"{n} proxies /ready")
     return pxs
 
+
+
+# --------------------------------------------------------------------------- resilience (issue 6)
+# (added for test_resilience_*.py; nothing above depends on it)
+
+def backend_policy(name, service, circuit_breaker=None, outlier_detection=None, retry_budget=None):
+    """A BackendPolicy resource targeting service."""
+    spec = {"targetRef": {"name": service}}
+    if circuit_breaker:
+        spec["circuitBreaker"] = circuit_breaker
+    if outlier_detection:
+        spec["outlierDetection"] = outlier_detection
+    if retry_budget:
+        spec["retryBudget"] = retry_budget
+    return {"apiVersion": "smesh.io/v1", "kind": "BackendPolicy", "metadata": {"name": name},
+            "spec": spec}
+
+
+class SwitchBackend:
+    """An in-process HTTP/1.1 backend whose behaviour a test changes while it runs: it answers
+    `fail_status` to a `fail_ratio` share of requests (at random), 200 to the others, after
+    `delay` seconds; header `x-backend: NAME`, JSON body with path, host and headers.
+    Counts requests by status in `statuses`. close() stops it."""
+
+    def __init__(self, name, fail_ratio=0.0, fail_status=500, delay=0.0):
+        import random
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.name, self.fail_ratio, self.fail_status, self.delay = name, fail_ratio, fail_status, delay
+        self.lock = threading.Lock()
+        self.statuses = collections.Counter()
+        self.port = free_port()
+        backend = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            wbufsize = 256 * 1024
+            disable_nagle_algorithm = True
+
+            def log_message(self, fmt, *a):
+                pass
+
+            def _handle(self):
+                n = int(self.headers.get("content-length") or 0)
+                if n:
+                    self.rfile.read(n)
+                if backend.delay:
+                    time.sleep(backend.delay)
+                status = backend.fail_status if random.random() < backend.fail_ratio else 200
+                with backend.lock:
+                    backend.statuses[status] += 1
+                body = json.dumps({"backend": backend.name, "path": self.path,
+                                   "host": self.headers.get("host"),
+                                   "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.send_header("x-backend", backend.name)
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 512
+            allow_reuse_address = True
+
+        self.server = Server((LOOPBACK, self.port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self):
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def requests(self):
+        with self.lock:
+            return sum(self.statuses.values())
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def parallel_requests(port, n, threads=8, host="api", path="/", headers=None, timeout=10):
+    """n GETs over `threads` keep-alive connections; returns the Responses (transport errors
+    as Response(status=0, body=the error)), in completion order."""
+    lock = threading.Lock()
+    out = []
+    state = {"next": 0}
+
+    def worker():
+        c = KeepAliveClient(port, host=host, timeout=timeout)
+        try:
+            while True:
+                with lock:
+                    if state["next"] >= n:
+                        return
+                    state["next"] += 1
+                    i = state["next"]
+                try:
+                    r = c.get(path.replace("{i}", str(i)), headers=headers)
+                except Exception as e:
+                    r = Response(0, {}, f"{type(e).__name__}: {e}".encode())
+                    c = KeepAliveClient(port, host=host, timeout=timeout)
+                with lock:
+                    out.append(r)
+        finally:
+            c.close()
+
+    ts = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout * n)
+    return out

@@ -134,11 +134,38 @@ pub async fn get(control: &Control, kind: &str, name: Option<&str>, output: &str
             }
             v["items"].clone()
         }
+        ("certificates" | "certificate" | "certs", _) => {
+            let v = control.get("/api/v1/certificates").await?.json()?;
+            if output == "table" {
+                println!("{:<16} {:<48} {:<40} EXPIRES (unix)", "SERVICE", "IDENTITY", "SERIAL");
+                for c in v["items"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<16} {:<48} {:<40} {}",
+                        c["service"].as_str().unwrap_or(""),
+                        c["spiffe_id"].as_str().unwrap_or(""),
+                        c["serial"].as_str().unwrap_or(""),
+                        c["not_after_unix"].as_u64().unwrap_or(0)
+                    );
+                }
+                return Ok(());
+            }
+            v["items"].clone()
+        }
         (_, Some(name)) => control.get(&format!("/api/v1/resources/{kind}/{name}")).await?.json()?,
         (_, None) => control.get(&format!("/api/v1/resources/{kind}")).await?.json()?["items"].clone(),
     };
     let output = if output == "table" { "yaml" } else { output };
     print!("{}", render(&value, output)?);
+    Ok(())
+}
+
+pub async fn token_create(control: &Control, service: &str, ttl: &str) -> Result<(), String> {
+    let body = serde_json::json!({"service": service, "ttl": ttl}).to_string();
+    let v = control
+        .call(Method::POST, "/api/v1/tokens", "application/json", Bytes::from(body))
+        .await?
+        .json()?;
+    println!("{}", v["token"].as_str().unwrap_or(""));
     Ok(())
 }
 

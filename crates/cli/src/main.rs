@@ -75,6 +75,13 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Join tokens: a proxy uses one once to get its first certificate.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// The key/value store.
     Kv {
         #[command(subcommand)]
@@ -93,6 +100,18 @@ enum Command {
     /// A small HTTP service used by the demo (and handy for trying routes).
     #[command(hide = true)]
     DemoApp(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a single-use join token for SERVICE; prints the token.
+    Create {
+        #[arg(long)]
+        service: String,
+        /// How long the token may be used.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -131,6 +150,15 @@ struct ControlArgs {
     /// Default lease TTL of registered endpoints.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     lease_ttl: Duration,
+    /// SPIFFE trust domain of the identities the CA issues.
+    #[arg(long, default_value = "smesh.local")]
+    trust_domain: String,
+    /// CA root certificate (PEM) to use instead of one made on first start (needs --ca-key).
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// CA root private key (PEM).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -158,6 +186,9 @@ struct ProxyArgs {
     /// Configuration snapshots larger than this are refused (nacked).
     #[arg(long, default_value_t = 16 << 20)]
     max_config_bytes: usize,
+    /// File holding a join token (`smesh token create`) for this proxy's first certificate.
+    #[arg(long, env = "SMESH_JOIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Where local applications send their outbound requests.
     #[arg(long, default_value = "127.0.0.1:4140")]
     outbound: SocketAddr,
@@ -247,6 +278,16 @@ fn main() -> ExitCode {
             advertise: args.advertise,
             lease_ttl: args.lease_ttl,
             max_config_bytes: args.max_config_bytes,
+            join_token: match &args.token_file {
+                Some(f) => match std::fs::read_to_string(f) {
+                    Ok(t) => Some(t.trim().to_string()),
+                    Err(e) => {
+                        eprintln!("error: cannot read --token-file {}: {e}", f.display());
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => None,
+            },
             outbound: Some(args.outbound),
             inbound: args.app.map(|_| args.inbound),
             app: args.app,
@@ -272,6 +313,8 @@ fn main() -> ExitCode {
             store: args.store,
             admin_token_file: args.admin_token_file,
             lease_ttl: args.lease_ttl,
+            trust_domain: args.trust_domain,
+            ca: args.ca_cert.zip(args.ca_key),
         }),
         Command::Apply { file, remote } => with_control(remote, |c| async move { commands::apply(&c, &file).await }),
         Command::Get {
@@ -280,13 +323,21 @@ fn main() -> ExitCode {
             output,
             remote,
         } => with_control(remote, |c| async move {
-            let table = matches!(kind.as_str(), "endpoints" | "endpoint" | "ep" | "proxies" | "proxy");
+            let table = matches!(
+                kind.as_str(),
+                "endpoints" | "endpoint" | "ep" | "proxies" | "proxy" | "certificates" | "certs"
+            );
             let output = output.unwrap_or_else(|| if table { "table".into() } else { "yaml".into() });
             commands::get(&c, &kind, name.as_deref(), &output).await
         }),
         Command::Delete { kind, name, remote } => {
             with_control(remote, |c| async move { commands::delete(&c, &kind, &name).await })
         }
+        Command::Token { command, remote } => with_control(remote, |c| async move {
+            match command {
+                TokenCommand::Create { service, ttl } => commands::token_create(&c, &service, &ttl).await,
+            }
+        }),
         Command::Kv { command, remote } => with_control(remote, |c| async move {
             match command {
                 KvCommand::Put { key, value, cas } => commands::kv_put(&c, &key, &value, cas).await,

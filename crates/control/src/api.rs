@@ -30,6 +30,8 @@ pub fn routes(state: Shared) -> Router {
         .route("/api/v1/resources/{kind}/{name}", get(get_one).delete(delete_one))
         .route("/api/v1/endpoints/{service}", get(endpoints))
         .route("/api/v1/proxies", get(proxies))
+        .route("/api/v1/tokens", axum::routing::post(crate::identity::create_token))
+        .route("/api/v1/certificates", get(certificates))
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(crate::kv::routes())
         .with_state(state)
@@ -305,7 +307,7 @@ async fn endpoints(
     }
     for r in registrations(&kvs).into_iter().filter(|r| r.service == service) {
         known = true;
-        items.push(serde_json::json!({"address": r.address, "labels": r.labels, "weight": r.weight.max(1), "source": "registered", "proxy": r.proxy_id}));
+        items.push(serde_json::json!({"address": r.address, "labels": r.labels, "weight": r.weight.max(1), "source": "registered", "proxy": r.proxy_id, "identity": r.identity}));
     }
     if !known {
         return Err(ApiError(
@@ -316,6 +318,20 @@ async fn endpoints(
     Ok(Json(
         serde_json::json!({"revision": revision, "service": service, "endpoints": items}),
     ))
+}
+
+async fn certificates(
+    State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    require_read(&state, peer, &headers)?;
+    let (kvs, revision) = state.store.list(keys::CERTIFICATES).await?;
+    let items: Vec<serde_json::Value> = kvs
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+        .collect();
+    Ok(Json(serde_json::json!({"revision": revision, "items": items})))
 }
 
 async fn proxies(

@@ -73,7 +73,7 @@ fn add_endpoints(spec: &mut ServiceSpec, regs: Vec<Registration>) {
             address: r.address,
             weight: (r.weight > 0).then_some(r.weight),
             labels: r.labels,
-            identity: None,
+            identity: (!r.identity.is_empty()).then_some(r.identity),
         });
     }
 }

@@ -10,7 +10,7 @@ use smesh_api::v1::discovery_server::Discovery;
 use smesh_api::v1::{proxy_message, ConfigSnapshot, Hello, ProxyMessage};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -70,6 +70,20 @@ struct Session {
     ttl: Duration,
     lease: LeaseId,
     status: ProxyStatus,
+    /// The newest status write, taken by the session's status writer task.
+    status_tx: watch::Sender<Option<Op>>,
+}
+
+/// Writes a session's status as it changes, newest first; stops when the session ends.
+async fn write_statuses(store: Arc<dyn Store>, mut rx: watch::Receiver<Option<Op>>, proxy_id: String) {
+    while rx.changed().await.is_ok() {
+        let Some(op) = rx.borrow_and_update().clone() else {
+            continue;
+        };
+        if let Err(e) = store.txn(Vec::new(), vec![op]).await {
+            tracing::warn!(proxy = %proxy_id, error = %e, "cannot record proxy status");
+        }
+    }
 }
 
 impl Session {
@@ -84,12 +98,15 @@ impl Session {
             last_seen: now_secs(),
             ..Default::default()
         };
+        let (status_tx, status_rx) = watch::channel(None);
+        tokio::spawn(write_statuses(store.clone(), status_rx, hello.proxy_id.clone()));
         let mut session = Session {
             store,
             hello,
             ttl,
             lease: 0,
             status,
+            status_tx,
         };
         session.register().await?;
         Ok(session)
@@ -106,6 +123,7 @@ impl Session {
                 labels: e.labels.clone().into_iter().collect(),
                 weight: e.weight,
                 proxy_id: self.hello.proxy_id.clone(),
+                identity: e.identity.clone(),
             };
             let value = serde_json::to_vec(&reg).map_err(|e| StoreError::Backend(e.to_string()))?;
             ops.push(Op::Put {
@@ -127,11 +145,12 @@ impl Session {
         }
     }
 
-    async fn save_status(&mut self) {
+    /// Hands the status to this session's writer: the push loop never waits for the store,
+    /// and a burst of acks collapses into one write of the newest status.
+    fn save_status(&mut self) {
         self.status.last_seen = now_secs();
-        if let Err(e) = self.store.txn(Vec::new(), vec![self.status_op()]).await {
-            tracing::warn!(proxy = %self.hello.proxy_id, error = %e, "cannot record proxy status");
-        }
+        let op = self.status_op();
+        self.status_tx.send_replace(Some(op));
     }
 
     async fn run(
@@ -150,7 +169,7 @@ impl Session {
             if let Some(current) = current.filter(|c| sent != Some(c.version)) {
                 let snapshot = ConfigSnapshot {
                     version: current.version,
-                    resources_yaml: current.yaml.to_string(),
+                    resources_yaml: current.yaml.clone(),
                 };
                 if tx.send(Ok(snapshot)).await.is_err() {
                     break;
@@ -177,7 +196,7 @@ impl Session {
                             self.status.last_error = ack.error.clone();
                             tracing::warn!(proxy = %self.hello.proxy_id, version = ack.version, error = %ack.error, "proxy rejected a snapshot");
                         }
-                        self.save_status().await;
+                        self.save_status();
                     }
                     Ok(Some(ProxyMessage { kind: Some(proxy_message::Kind::Goodbye(_)) })) => {
                         goodbye = true;

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Composed {
     pub version: u64,
-    pub yaml: Arc<str>,
+    pub yaml: bytes::Bytes,
 }
 
 /// The newest snapshot; `None` until the store has been read once.
@@ -58,12 +58,12 @@ fn publish(tx: &watch::Sender<Option<Arc<Composed>>>, version: u64, kvs: &[KeyVa
     let yaml = smesh_model::to_yaml(&resources);
     tx.send_if_modified(|current| {
         // Unchanged content (e.g. after a re-read) is not pushed again.
-        if current.as_ref().is_some_and(|c| c.yaml.as_ref() == yaml) {
+        if current.as_ref().is_some_and(|c| c.yaml == yaml.as_bytes()) {
             return false;
         }
         *current = Some(Arc::new(Composed {
             version,
-            yaml: Arc::from(yaml.as_str()),
+            yaml: bytes::Bytes::from(yaml),
         }));
         true
     });

@@ -6,6 +6,12 @@ pub const RESOURCES: &str = "/mesh/resources/";
 pub const REGISTRY: &str = "/mesh/registry/";
 pub const PROXIES: &str = "/status/proxies/";
 pub const KV: &str = "/kv/";
+/// The CA root (certificate and key). Nothing serves this prefix.
+pub const CA_ROOT: &str = "/ca/root";
+/// Join tokens, by the SHA-256 of the token (the token itself is never stored).
+pub const TOKENS: &str = "/tokens/";
+/// Certificates issued, for `smesh get certificates`.
+pub const CERTIFICATES: &str = "/status/certificates/";
 
 pub fn resource(kind: &str, name: &str) -> String {
     format!("{RESOURCES}{kind}/{name}")
@@ -30,6 +36,7 @@ pub fn canonical_kind(kind: &str) -> Option<&'static str> {
         "httproute" | "httproutes" | "route" | "routes" => Some("HTTPRoute"),
         "meshconfig" | "meshconfigs" => Some("MeshConfig"),
         "authorizationpolicy" | "authorizationpolicies" | "authz" => Some("AuthorizationPolicy"),
+        "backendpolicy" | "backendpolicies" => Some("BackendPolicy"),
         _ => None,
     }
 }

@@ -5,9 +5,11 @@
 //! (the proxy streams), [`api`] and [`kv`] (HTTP), [`keys`] (the store layout).
 
 pub mod api;
+pub mod ca;
 pub mod compose;
 pub mod discovery;
 pub mod feed;
+pub mod identity;
 pub mod keys;
 pub mod kv;
 pub mod registry;
@@ -26,6 +28,10 @@ pub struct ControlOptions {
     pub admin_token_file: Option<PathBuf>,
     /// Default lease TTL for registered endpoints.
     pub lease_ttl: Duration,
+    /// The SPIFFE trust domain of the identities the CA issues.
+    pub trust_domain: String,
+    /// A CA root to use (certificate and key PEM files); else one is made on first start.
+    pub ca: Option<(PathBuf, PathBuf)>,
 }
 
 /// Opens the store named by `spec`; also returns the data directory, if any. An etcd store keeps its
@@ -34,8 +40,15 @@ pub async fn open_store(spec: &str) -> Result<(Arc<dyn store::Store>, Option<Pat
     match spec.split_once(':') {
         Some(("embedded", dir)) if !dir.is_empty() => {
             let dir = PathBuf::from(dir);
-            let store = store::embedded::EmbeddedStore::open(&dir.join("smesh.redb"))
+            let file = dir.join("smesh.redb");
+            let store = store::embedded::EmbeddedStore::open(&file)
                 .map_err(|e| format!("cannot open store in {}: {e}", dir.display()))?;
+            // The store holds the CA key: owner-only.
+            use std::os::unix::fs::PermissionsExt;
+            for (path, mode) in [(&dir, 0o700), (&file, 0o600)] {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| format!("cannot restrict permissions of {}: {e}", path.display()))?;
+            }
             Ok((store, Some(dir)))
         }
         Some(("etcd", urls)) if !urls.is_empty() => {
@@ -113,7 +126,21 @@ async fn serve(options: ControlOptions) -> Result<(), String> {
         default_ttl: options.lease_ttl,
         replica: options.listen.to_string(),
     };
+    let given_ca = match &options.ca {
+        Some((cert, key)) => {
+            let read =
+                |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+            Some((read(cert)?, read(key)?))
+        }
+        None => None,
+    };
+    let ca = Arc::new(ca::Ca::load_or_create(store.as_ref(), &options.trust_domain, given_ca).await?);
+    let identity = identity::IdentityService {
+        store: store.clone(),
+        ca,
+    };
     let grpc = tonic::service::Routes::new(smesh_api::v1::discovery_server::DiscoveryServer::new(discovery))
+        .add_service(smesh_api::v1::identity_server::IdentityServer::new(identity))
         .into_axum_router();
     let app = grpc.merge(api::routes(Arc::new(api::ApiState { store, token })));
     tracing::info!(listen = %options.listen, store = %options.store, "smesh control ready");

@@ -13,6 +13,8 @@ pub struct Registration {
     #[serde(default)]
     pub weight: u32,
     pub proxy_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub identity: String,
 }
 
 /// The value stored at `/status/proxies/<proxy id>`: shown by `smesh get proxies`.

@@ -8,13 +8,17 @@
 
 pub mod duration;
 mod error;
+mod filters;
 mod parse;
+mod policy;
 mod resources;
 mod security;
 mod validate;
 
 pub use error::{ConfigError, ConfigErrors};
+pub use filters::*;
 pub use parse::{load, parse, to_yaml, Source, Sourced};
+pub use policy::*;
 pub use resources::*;
 pub use security::*;
-pub use validate::validate;
+pub use validate::{validate, validate_name};

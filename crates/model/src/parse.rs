@@ -114,6 +114,7 @@ fn parse_value(source: &Source, value: Value) -> Result<Resource, ConfigError> {
         Some("HTTPRoute") => typed(value).map(Resource::HttpRoute),
         Some("MeshConfig") => typed(value).map(Resource::MeshConfig),
         Some("AuthorizationPolicy") => typed(value).map(Resource::AuthorizationPolicy),
+        Some("BackendPolicy") => typed(value).map(Resource::BackendPolicy),
         Some(other) => Err((
             "kind".to_string(),
             format!("unknown kind {other:?}, expected one of {:?}", Resource::KINDS),

@@ -35,10 +35,17 @@ pub enum Resource {
     HttpRoute(HttpRoute),
     MeshConfig(crate::MeshConfig),
     AuthorizationPolicy(crate::AuthorizationPolicy),
+    BackendPolicy(crate::BackendPolicy),
 }
 
 impl Resource {
-    pub const KINDS: &'static [&'static str] = &["Service", "HTTPRoute", "MeshConfig", "AuthorizationPolicy"];
+    pub const KINDS: &'static [&'static str] = &[
+        "Service",
+        "HTTPRoute",
+        "MeshConfig",
+        "AuthorizationPolicy",
+        "BackendPolicy",
+    ];
 
     pub fn kind(&self) -> &'static str {
         match self {
@@ -46,6 +53,7 @@ impl Resource {
             Resource::HttpRoute(_) => "HTTPRoute",
             Resource::MeshConfig(_) => "MeshConfig",
             Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Resource::BackendPolicy(_) => "BackendPolicy",
         }
     }
 
@@ -55,6 +63,7 @@ impl Resource {
             Resource::HttpRoute(r) => &r.metadata.name,
             Resource::MeshConfig(m) => &m.metadata.name,
             Resource::AuthorizationPolicy(p) => &p.metadata.name,
+            Resource::BackendPolicy(p) => &p.metadata.name,
         }
     }
 }
@@ -152,6 +161,9 @@ pub struct HttpRouteRule {
     pub timeouts: Option<Timeouts>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<Retry>,
+    /// Applied in order (see `crate::filters`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<crate::HttpRouteFilter>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -76,7 +76,7 @@ pub enum PolicyAction {
 #[serde(deny_unknown_fields)]
 pub struct AuthorizationRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub from: Vec<Source>,
+    pub from: Vec<PeerSource>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to: Vec<Operation>,
 }
@@ -84,7 +84,7 @@ pub struct AuthorizationRule {
 /// The verified peer: by service name (its SPIFFE ID in this trust domain) or full identity.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Source {
+pub struct PeerSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -57,7 +57,10 @@ pub fn validate(items: &[Sourced]) -> Result<(), ConfigErrors> {
                     }
                 }
             }
-            Resource::HttpRoute(route) => check.route(route, &services),
+            Resource::HttpRoute(route) => {
+                check.route(route, &services);
+                crate::filters::validate_route_filters(route, &services, &mut |f, why| check.fail(f, why));
+            }
             Resource::MeshConfig(m) => {
                 mesh_configs += 1;
                 if mesh_configs > 1 {
@@ -66,6 +69,9 @@ pub fn validate(items: &[Sourced]) -> Result<(), ConfigErrors> {
                 check.mesh_config(m);
             }
             Resource::AuthorizationPolicy(p) => check.authorization(p, &services),
+            Resource::BackendPolicy(p) => {
+                crate::policy::validate_backend_policy(p, &services, &mut |f, why| check.fail(f, why))
+            }
         }
     }
     if errors.is_empty() {
@@ -318,6 +324,24 @@ impl Checker<'_> {
                 }
             }
         }
+    }
+}
+
+/// A resource or service name: what can appear in a Host, a store key and a SPIFFE ID.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid name {name:?}: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+        ))
     }
 }
 

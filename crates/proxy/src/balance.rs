@@ -33,6 +33,8 @@ pub struct EndpointStats {
     rtt_ns: AtomicU64,
     updated_ns: AtomicU64,
     failing_until_ns: AtomicU64,
+    /// Outlier detection's view of this address (used only with a BackendPolicy).
+    pub outlier: crate::outlier::EndpointHealth,
 }
 
 impl Default for EndpointStats {
@@ -42,6 +44,7 @@ impl Default for EndpointStats {
             rtt_ns: AtomicU64::new(DEFAULT_RTT_NS.to_bits()),
             updated_ns: AtomicU64::new(now_ns()),
             failing_until_ns: AtomicU64::new(0),
+            outlier: Default::default(),
         }
     }
 }
@@ -84,6 +87,9 @@ pub struct Endpoint {
     pub weight: u32,
     pub labels: BTreeMap<String, String>,
     pub stats: Arc<EndpointStats>,
+    /// For an endpoint fronted by a smesh proxy: the TLS name its SPIFFE identity maps to.
+    /// Traffic to it then goes over mesh mTLS.
+    pub server_name: Option<rustls::pki_types::ServerName<'static>>,
 }
 
 /// Counts a request as outstanding on an endpoint until dropped; records its latency.
@@ -115,8 +121,14 @@ impl Drop for InFlight {
 
 /// The endpoint refused or failed a connection: avoid it for a while.
 pub fn mark_failed(endpoint: &Endpoint) {
-    let until = now_ns() + FAILURE_BACKOFF.as_nanos() as u64;
-    endpoint.stats.failing_until_ns.store(until, Relaxed);
+    avoid(endpoint, FAILURE_BACKOFF);
+}
+
+/// Avoid the endpoint for `duration` from now (never shortens an avoidance already set, e.g.
+/// an outlier ejection).
+pub fn avoid(endpoint: &Endpoint, duration: Duration) {
+    let until = now_ns() + duration.as_nanos() as u64;
+    endpoint.stats.failing_until_ns.fetch_max(until, Relaxed);
 }
 
 /// An immutable set of endpoints with its balancing algorithm.
@@ -259,6 +271,7 @@ mod tests {
             weight: 1,
             labels: BTreeMap::new(),
             stats: Arc::default(),
+            server_name: None,
         })
     }
 

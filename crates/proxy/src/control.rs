@@ -124,7 +124,11 @@ impl ControlClient {
             ));
         }
         let source = format!("control-plane snapshot {version}");
-        match smesh_model::load(&source, &snapshot.resources_yaml) {
+        let Ok(text) = std::str::from_utf8(&snapshot.resources_yaml) else {
+            self.metrics.config_reloads.with_label_values(&["rejected"]).inc();
+            return nack("snapshot is not UTF-8".into());
+        };
+        match smesh_model::load(&source, text) {
             Ok(items) => {
                 let previous = self.config.load();
                 let next = Snapshot::build(&items, &previous, &self.metrics, "outbound");

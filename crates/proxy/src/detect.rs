@@ -18,10 +18,20 @@ const LONGEST_METHOD: usize = 7;
 pub enum Detected {
     Http1,
     Http2,
+    /// A TLS ClientHello: mesh mTLS on an inbound port, else passed through untouched.
+    Tls,
     Opaque,
 }
 
 fn classify(buf: &[u8]) -> Option<Detected> {
+    // A TLS handshake record: content type 22, major version 3.
+    if buf[0] == 0x16 {
+        return match buf.get(1) {
+            Some(3) => Some(Detected::Tls),
+            Some(_) => Some(Detected::Opaque),
+            None => None,
+        };
+    }
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
         return if n == H2_PREFACE.len() {
@@ -119,7 +129,8 @@ mod tests {
         assert_eq!(classify(b"GE"), None);
         assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"), Some(Detected::Http2));
         assert_eq!(classify(b"PRI * HT"), None);
-        assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Some(Detected::Opaque));
+        assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Some(Detected::Tls));
+        assert_eq!(classify(b"\x16"), None);
         assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Some(Detected::Opaque));
         assert_eq!(classify(b"HELLO WORLD"), Some(Detected::Opaque));
     }

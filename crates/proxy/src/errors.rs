@@ -16,17 +16,22 @@ pub enum ProxyError {
     Timeout,
     BadRequest,
     BodyTooLarge,
+    /// An AuthorizationPolicy (or the default policy) denied the request.
+    Forbidden,
+    /// A BackendPolicy circuit breaker limit was reached.
+    CircuitOpen,
 }
 
 impl ProxyError {
     pub fn status(self) -> StatusCode {
         match self {
             ProxyError::UnknownAuthority | ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoints | ProxyError::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectFailed | ProxyError::UpstreamFailed => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
         }
     }
 
@@ -41,6 +46,8 @@ impl ProxyError {
             ProxyError::Timeout => "timeout",
             ProxyError::BadRequest => "bad request",
             ProxyError::BodyTooLarge => "request body too large",
+            ProxyError::Forbidden => "forbidden",
+            ProxyError::CircuitOpen => "circuit open",
         }
     }
 
@@ -49,6 +56,7 @@ impl ProxyError {
             ProxyError::Timeout => "4",      // DEADLINE_EXCEEDED
             ProxyError::BadRequest => "13",  // INTERNAL
             ProxyError::BodyTooLarge => "8", // RESOURCE_EXHAUSTED
+            ProxyError::Forbidden => "7",    // PERMISSION_DENIED
             _ => "14",                       // UNAVAILABLE
         }
     }

@@ -46,7 +46,13 @@ pub struct HttpProxy {
     pub target: Target,
     pub direction: &'static str,
     pub client: SocketAddr,
+    /// The verified SPIFFE ID of the peer proxy, on mesh mTLS connections.
+    pub peer: Option<Arc<str>>,
 }
+
+/// Set by the outbound proxy on requests it carries over the mesh's HTTP/2 when the client
+/// spoke HTTP/1, so the inbound proxy speaks HTTP/1 to its app again.
+const ORIG_PROTO: header::HeaderName = header::HeaderName::from_static("smesh-orig-proto");
 
 type Failure = (ProxyError, String);
 
@@ -55,7 +61,12 @@ impl HttpProxy {
         let start = Instant::now();
         let grpc = is_grpc(&req);
         let rule = match &self.target {
-            Target::Inbound(rule) => rule.clone(),
+            Target::Inbound(rule) => {
+                if let Some(denied) = self.authorize(&req, rule, grpc) {
+                    return Ok(denied);
+                }
+                rule.clone()
+            }
             target => {
                 let snapshot = self.shared.config.load();
                 let service = match target {
@@ -111,6 +122,36 @@ impl HttpProxy {
         Ok(resp)
     }
 
+    /// Inbound authorization with the verified peer identity; `Some` is the denial to send.
+    fn authorize(&self, req: &Request<Incoming>, rule: &Rule, grpc: bool) -> Option<Response<Body>> {
+        let service = &rule.backends[0].service;
+        let snapshot = self.shared.config.load();
+        if snapshot.authz.is_open(service) {
+            return None;
+        }
+        let port = rule.backends[0]
+            .balancer
+            .endpoints()
+            .first()
+            .map_or(0, |e| e.addr.port());
+        let ask = crate::authz::Request {
+            peer: self.peer.as_deref(),
+            method: Some(req.method()),
+            path: Some(req.uri().path()),
+            port,
+        };
+        let decision = snapshot.authz.decide(service, &ask);
+        crate::authz::count(&self.shared.metrics, service, &decision);
+        match decision {
+            crate::authz::Decision::Allow(_) => None,
+            crate::authz::Decision::Deny(policy) => {
+                let by = policy.as_deref().unwrap_or("the default policy");
+                let who = self.peer.as_deref().unwrap_or("an unauthenticated peer");
+                Some(self.fail(ProxyError::Forbidden, &format!("{who} denied by {by}"), grpc))
+            }
+        }
+    }
+
     fn fail(&self, error: ProxyError, detail: &str, grpc: bool) -> Response<Body> {
         self.shared.metrics.proxy_error(self.direction, error.reason());
         error.response(detail, grpc)
@@ -138,14 +179,21 @@ impl HttpProxy {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, value);
         }
+        // HTTPRoute filters: a redirect or an injected abort answers here.
+        if let Some(filters) = &rule.filters {
+            if let Some(resp) = filters.on_request(&mut parts).await {
+                return Ok(resp);
+            }
+        }
 
         // A body kept in memory can be sent again; a streamed one only once.
         let retry = rule.retry.as_ref().filter(|_| !upgrade);
         let mut replay: Option<Bytes> = None;
         let mut streamed: Option<Body> = None;
-        if retry.is_some() && incoming.is_end_stream() {
+        let keep_body = retry.is_some() || rule.filters.as_ref().is_some_and(|f| f.wants_body());
+        if keep_body && incoming.is_end_stream() {
             replay = Some(Bytes::new());
-        } else if retry.is_some()
+        } else if keep_body
             && incoming
                 .size_hint()
                 .upper()
@@ -169,16 +217,47 @@ impl HttpProxy {
             streamed = Some(Body::Streaming(incoming));
         }
 
-        let client_version = parts.version;
+        if let Some(filters) = &rule.filters {
+            filters.mirror(&parts, replay.as_ref(), limits.connect_timeout);
+        }
+        // An inbound request that crossed the mesh as HTTP/2 says what its client spoke.
+        let client_version = match parts.headers.remove(&ORIG_PROTO) {
+            Some(v) if v.as_bytes() == b"HTTP/1.1" => Version::HTTP_11,
+            _ => parts.version,
+        };
+        let mesh_tls = self.shared.tls.load_full();
         // The request head is moved into the first try; it is copied only when a retry may
         // need it again, and handed back by a failed connect.
         let mut head = Some(parts);
         let tries = async {
             let mut tried: Vec<SocketAddr> = Vec::new();
             let mut retries = 0u32;
+            // A retry avoids the endpoint that just failed when another one is left.
+            let mut avoid: Option<SocketAddr> = None;
+            let mut _retry_permit = None;
             loop {
                 let backend = rule.backend();
-                let Some(endpoint) = backend.balancer.pick(&tried) else {
+                let version = upstream_version(backend.protocol, client_version, upgrade);
+                // BackendPolicy circuit breaker: a slot for this try, or 503 at once.
+                let _permit = match &backend.policy {
+                    Some(p) => p
+                        .admit(version == Version::HTTP_11, retries == 0 && tried.is_empty())
+                        .await
+                        .map_err(|detail| (ProxyError::CircuitOpen, detail))?,
+                    None => None,
+                };
+                let picked = match avoid.take() {
+                    Some(prev) if backend.balancer.len() > 1 => {
+                        let mut exclude = tried.clone();
+                        exclude.push(prev);
+                        backend
+                            .balancer
+                            .pick(&exclude)
+                            .or_else(|| backend.balancer.pick(&tried))
+                    }
+                    _ => backend.balancer.pick(&tried),
+                };
+                let Some(endpoint) = picked else {
                     return Err(if backend.balancer.is_empty() {
                         (
                             ProxyError::NoEndpoints,
@@ -192,24 +271,67 @@ impl HttpProxy {
                     });
                 };
                 let endpoint = endpoint.clone();
-                let version = upstream_version(backend.protocol, client_version, upgrade);
                 let (body, parts) = match (&replay, streamed.take(), head.as_ref()) {
                     (Some(bytes), _, Some(h)) => (Body::full(bytes.clone()), copy_head(h)),
                     (None, Some(body), Some(_)) => (body, head.take().expect("checked above")),
                     _ => return Err((ProxyError::UpstreamFailed, "request body already sent".into())),
                 };
-                let upstream_req = build_request(parts, version, body);
+                // A peer smesh proxy is reached over mesh mTLS (HTTP/2 unless upgrading).
+                let mesh = mesh_tls
+                    .as_ref()
+                    .zip(endpoint.server_name.clone())
+                    .map(|(tls, name)| pool::Mesh {
+                        client: tls.client_h2.clone(),
+                        name,
+                    });
+                // `version` is what the destination app speaks; the inbound proxy restores it.
+                let app_version = version;
+                let version = if mesh.is_some() && !upgrade {
+                    Version::HTTP_2
+                } else {
+                    app_version
+                };
+                let mut upstream_req = build_request(parts, version, body);
+                if mesh.is_some() && app_version != Version::HTTP_2 && !upgrade {
+                    upstream_req
+                        .headers_mut()
+                        .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+                }
                 let in_flight = InFlight::start(&endpoint);
-                let send = pool::send(endpoint.addr, version, upstream_req, limits.connect_timeout, upgrade);
+                let send = pool::send(
+                    endpoint.addr,
+                    version,
+                    upstream_req,
+                    limits.connect_timeout,
+                    upgrade,
+                    mesh,
+                );
                 let outcome = match rule.try_timeout {
                     Some(t) => tokio::time::timeout(t, send).await.ok(),
                     None => Some(send.await),
+                };
+                if let Some(p) = &backend.policy {
+                    p.observe(&endpoint, crate::policy::outcome_status(&outcome));
+                }
+                // Whether the route's retry policy and the BackendPolicy allow another try.
+                let mut may_retry = |status: u16| {
+                    if !can_retry(retry, retries, status, replay.is_some()) {
+                        return false;
+                    }
+                    match backend.policy.as_ref().map(|p| p.retry()) {
+                        Some(None) => false,
+                        Some(grant) => {
+                            _retry_permit = grant;
+                            true
+                        }
+                        None => true,
+                    }
                 };
                 let status = match outcome {
                     Some(Ok(resp)) => {
                         in_flight.answered();
                         let status = resp.status().as_u16();
-                        if !can_retry(retry, retries, status, replay.is_some()) {
+                        if !may_retry(status) {
                             return Ok(resp);
                         }
                         status
@@ -226,13 +348,13 @@ impl HttpProxy {
                         continue;
                     }
                     Some(Err(SendError::Upstream(e))) => {
-                        if !can_retry(retry, retries, 502, replay.is_some()) {
+                        if !may_retry(502) {
                             return Err((ProxyError::UpstreamFailed, format!("{}: {e}", endpoint.addr)));
                         }
                         502
                     }
                     None => {
-                        if !can_retry(retry, retries, 504, replay.is_some()) {
+                        if !may_retry(504) {
                             return Err((
                                 ProxyError::Timeout,
                                 format!("no response from {} in time", endpoint.addr),
@@ -242,6 +364,7 @@ impl HttpProxy {
                     }
                 };
                 retries += 1;
+                avoid = Some(endpoint.addr);
                 rule.metrics.retries.inc();
                 tracing::debug!(status, retries, endpoint = %endpoint.addr, "retrying");
                 if let Some(policy) = retry {
@@ -249,7 +372,7 @@ impl HttpProxy {
                 }
             }
         };
-        let resp = match deadline {
+        let mut resp = match deadline {
             Some(d) => match tokio::time::timeout_at((start + d).into(), tries).await {
                 Ok(r) => r?,
                 Err(_) => {
@@ -261,6 +384,9 @@ impl HttpProxy {
             },
             None => tries.await?,
         };
+        if let Some(filters) = &rule.filters {
+            filters.on_response(&mut resp);
+        }
         Ok(self.respond(resp, client_upgrade))
     }
 
@@ -285,7 +411,8 @@ impl HttpProxy {
 
     /// `CONNECT service:port`: a TCP tunnel to one of the service's endpoints.
     async fn tunnel(&self, req: &mut Request<Incoming>, balancer: &Balancer) -> Response<Body> {
-        let upstream = match tcp::connect_any(balancer, self.shared.limits.connect_timeout).await {
+        let tls = self.shared.tls.load_full();
+        let upstream = match tcp::connect_any(balancer, self.shared.limits.connect_timeout, tls.as_deref()).await {
             Ok((stream, _)) => stream,
             Err(error) => return self.fail(error.0, &error.1, false),
         };
@@ -305,7 +432,7 @@ fn can_retry(policy: Option<&crate::route::RetryPolicy>, retries: u32, status: u
     policy.is_some_and(|p| replayable && retries < p.attempts && p.codes.contains(&status))
 }
 
-fn upstream_version(protocol: Option<Protocol>, client: Version, upgrade: bool) -> Version {
+pub(crate) fn upstream_version(protocol: Option<Protocol>, client: Version, upgrade: bool) -> Version {
     match protocol {
         _ if upgrade => Version::HTTP_11,
         Some(Protocol::Http2 | Protocol::Grpc) => Version::HTTP_2,
@@ -327,7 +454,7 @@ fn copy_head(p: &Parts) -> Parts {
 /// The request as the upstream should see it: HTTP/2 wants an absolute URI (`:authority`),
 /// HTTP/1.1 an origin-form one and a `Host` header. Works on either form, so a head handed
 /// back by a failed connect can be rebuilt for another endpoint.
-fn build_request(mut parts: Parts, version: Version, body: Body) -> Request<Body> {
+pub(crate) fn build_request(mut parts: Parts, version: Version, body: Body) -> Request<Body> {
     if version == Version::HTTP_2 {
         if parts.uri.scheme().is_none() || parts.uri.authority().is_none() {
             let authority = parts.uri.authority().cloned().or_else(|| {

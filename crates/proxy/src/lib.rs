@@ -8,14 +8,23 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod authz;
 pub mod balance;
 pub mod body;
+pub mod budget;
+pub mod circuit;
 pub mod control;
 pub mod detect;
 pub mod errors;
+pub mod fault;
+pub mod filters;
 pub mod headers;
 pub mod http;
+pub mod identity;
 pub mod metrics;
+pub mod mirror;
+pub mod outlier;
+pub mod policy;
 pub mod pool;
 pub mod reload;
 pub mod route;
@@ -54,6 +63,8 @@ pub struct ProxyOptions {
     pub lease_ttl: Option<Duration>,
     /// Configuration snapshots larger than this are refused.
     pub max_config_bytes: usize,
+    /// Join token for this proxy's first certificate (with `control` and `service`).
+    pub join_token: Option<String>,
     pub outbound: Option<SocketAddr>,
     pub inbound: Option<SocketAddr>,
     pub app: Option<SocketAddr>,
@@ -151,12 +162,14 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         }
         None => (None, None),
     };
+    let tls: identity::TlsHandle = Arc::default();
     let shared = Arc::new(Shared {
         config: config.clone(),
         metrics: metrics.clone(),
         limits: options.limits.clone(),
         access_log,
         connections: AtomicUsize::new(0),
+        tls: tls.clone(),
     });
     let specs: Vec<(SocketAddr, Arc<ListenerSpec>)> = specs.into_iter().map(|(a, s)| (a, Arc::new(s))).collect();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -229,9 +242,25 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
                 tokio::spawn(watcher.watch(stop_rx.clone()))
             }
             None => {
+                // The identity first, so the endpoint is announced with it.
+                let renewals = match options.service.clone().filter(|_| options.app.is_some()) {
+                    Some(service) => {
+                        let agent = identity::IdentityAgent {
+                            urls: options.control.clone(),
+                            service,
+                            join_token: options.join_token.clone(),
+                            handle: tls.clone(),
+                            metrics: metrics.clone(),
+                        };
+                        agent.start(stop_rx.clone()).await
+                    }
+                    None => None,
+                };
+                drop(renewals);
+                let spiffe_id = tls.load().as_ref().map(|t| t.spiffe_id.clone()).unwrap_or_default();
                 let client = control::ControlClient {
                     urls: options.control.clone(),
-                    hello: hello(&options),
+                    hello: hello(&options, spiffe_id),
                     config: config.clone(),
                     metrics: metrics.clone(),
                     configured: configured.clone(),
@@ -268,7 +297,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
 }
 
 /// What this proxy tells the control plane about itself.
-fn hello(options: &ProxyOptions) -> smesh_api::v1::Hello {
+fn hello(options: &ProxyOptions, identity: String) -> smesh_api::v1::Hello {
     let service = options.service.clone().unwrap_or_default();
     let endpoint = match (options.app, options.inbound) {
         (Some(_), Some(inbound)) if !service.is_empty() => {
@@ -281,6 +310,7 @@ fn hello(options: &ProxyOptions) -> smesh_api::v1::Hello {
                 address: addr.to_string(),
                 labels: options.labels.clone().into_iter().collect(),
                 weight: 0,
+                identity,
             })
         }
         _ => None,
@@ -306,6 +336,7 @@ fn inbound_rule(app: SocketAddr, label: &str, metrics: &Arc<metrics::Metrics>) -
         weight: 1,
         labels: Default::default(),
         stats: Arc::default(),
+        server_name: None,
     });
     let balancer = Arc::new(Balancer::new(vec![endpoint], LoadBalancer::RoundRobin));
     Arc::new(Rule::new(
@@ -315,6 +346,7 @@ fn inbound_rule(app: SocketAddr, label: &str, metrics: &Arc<metrics::Metrics>) -
             service: Arc::from(label),
             balancer,
             protocol: None,
+            policy: None,
         }],
         Default::default(),
         None,

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub access_log_dropped: IntCounter,
     pub connections_refused: IntCounterVec,
     pub connections_active: IntGauge,
+    pub resilience: crate::policy::ResilienceMetrics,
+    pub identity_renewals: IntCounterVec,
+    pub identity_expiry: IntGauge,
+    pub authz_decisions: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -59,6 +63,10 @@ impl Metrics {
             "Generation of the active configuration snapshot.",
         );
         let connections_active = gauge("smesh_connections_active", "Client connections currently open.");
+        let identity_expiry = gauge(
+            "smesh_identity_cert_expiry_timestamp_seconds",
+            "When this proxy's current certificate expires (Unix time; 0: no identity).",
+        );
         let access_log_dropped = IntCounter::new(
             "smesh_access_log_dropped_total",
             "Access log lines dropped because the log buffer was full.",
@@ -130,9 +138,23 @@ impl Metrics {
                 "Client connections closed at once because a limit was reached.",
                 &["listener"],
             ),
+            identity_renewals: counter(
+                &r,
+                "smesh_identity_certifications_total",
+                "Certificate requests to the control plane's CA, by result.",
+                &["result"],
+            ),
+            identity_expiry,
+            authz_decisions: counter(
+                &r,
+                "smesh_authz_decisions_total",
+                "Inbound authorization decisions, by target service, deciding policy and verdict.",
+                &["service", "policy", "decision"],
+            ),
             config_generation,
             access_log_dropped,
             connections_active,
+            resilience: crate::policy::ResilienceMetrics::register(&r),
             registry: r,
         })
     }

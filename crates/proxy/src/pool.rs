@@ -3,13 +3,17 @@
 //! request path takes no lock and a connection never hops between threads.
 
 use crate::body::Body;
+use crate::tcp::Io;
 use http::{Request, Response, Version};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustc_hash::FxHashMap;
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
@@ -22,7 +26,8 @@ type IdleH1 = FxHashMap<SocketAddr, Vec<(Instant, http1::SendRequest<Body>)>>;
 
 thread_local! {
     static IDLE_H1: RefCell<IdleH1> = RefCell::new(FxHashMap::default());
-    static H2: RefCell<FxHashMap<SocketAddr, http2::SendRequest<Body>>> = RefCell::new(FxHashMap::default());
+    /// Shared HTTP/2 connections, plain and mesh mTLS (the bool), per endpoint.
+    static H2: RefCell<FxHashMap<(SocketAddr, bool), http2::SendRequest<Body>>> = RefCell::new(FxHashMap::default());
 }
 
 pub enum SendError {
@@ -63,6 +68,12 @@ impl Drop for PoolReturn {
     }
 }
 
+/// How to reach a peer smesh proxy: mesh mTLS, verifying it presents `name`.
+pub struct Mesh {
+    pub client: Arc<ClientConfig>,
+    pub name: ServerName<'static>,
+}
+
 async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TokioIo<TcpStream>> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(r) => r?,
@@ -70,6 +81,25 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TokioIo<TcpS
     };
     stream.set_nodelay(true)?;
     Ok(TokioIo::new(stream))
+}
+
+/// A connection that is TLS when `mesh` says so. A failed handshake counts as a failed
+/// connect: nothing was sent, so the request may go to another endpoint.
+async fn connect_maybe_tls(
+    addr: SocketAddr,
+    timeout: Duration,
+    mesh: Option<&Mesh>,
+) -> io::Result<TokioIo<Box<dyn Io>>> {
+    let stream = connect(addr, timeout).await?.into_inner();
+    let Some(mesh) = mesh else {
+        return Ok(TokioIo::new(Box::new(stream)));
+    };
+    let connector = tokio_rustls::TlsConnector::from(mesh.client.clone());
+    match tokio::time::timeout(timeout, connector.connect(mesh.name.clone(), stream)).await {
+        Ok(Ok(tls)) => Ok(TokioIo::new(Box::new(tls))),
+        Ok(Err(e)) => Err(io::Error::other(format!("mesh TLS: {e}"))),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "mesh TLS handshake timed out")),
+    }
 }
 
 fn take_idle_h1(addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
@@ -93,9 +123,19 @@ pub async fn send(
     mut req: Request<Body>,
     connect_timeout: Duration,
     upgrade: bool,
+    mesh: Option<Mesh>,
 ) -> Result<Response<Body>, SendError> {
+    if let Some(mesh) = mesh {
+        // Between proxies: one multiplexed HTTP/2 connection, except for upgrades, which
+        // need HTTP/1.1 (and become a tunnel).
+        return if upgrade {
+            send_h1_tunnel(addr, req, connect_timeout, &mesh).await
+        } else {
+            send_h2(addr, req, connect_timeout, Some(&mesh)).await
+        };
+    }
     if version == Version::HTTP_2 {
-        return send_h2(addr, req, connect_timeout).await;
+        return send_h2(addr, req, connect_timeout, None).await;
     }
     // Pooled connections may have been closed by the peer while idle; a request that was not
     // sent on one comes back and is tried on the next, then on a fresh connection.
@@ -144,12 +184,49 @@ fn pooled_response(
     resp.map(|body| Body::Upstream(body, back))
 }
 
+/// An HTTP/1.1 request over mesh mTLS on a connection of its own (an upgrade).
+async fn send_h1_tunnel(
+    addr: SocketAddr,
+    req: Request<Body>,
+    connect_timeout: Duration,
+    mesh: &Mesh,
+) -> Result<Response<Body>, SendError> {
+    let http1_mesh = Mesh {
+        client: http1_client(&mesh.client),
+        name: mesh.name.clone(),
+    };
+    let io = match connect_maybe_tls(addr, connect_timeout, Some(&http1_mesh)).await {
+        Ok(io) => io,
+        Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+    };
+    let (mut sender, conn) = match http1::handshake(io).await {
+        Ok(pair) => pair,
+        Err(e) => return Err(SendError::Upstream(e)),
+    };
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    match sender.send_request(req).await {
+        Ok(resp) => Ok(resp.map(|b| Body::Upstream(b, PoolReturn::none()))),
+        Err(e) => Err(SendError::Upstream(e)),
+    }
+}
+
+/// The same client identity, offering HTTP/1.1 instead of HTTP/2.
+fn http1_client(h2: &Arc<ClientConfig>) -> Arc<ClientConfig> {
+    let mut c = (**h2).clone();
+    c.alpn_protocols = vec![crate::identity::ALPN_HTTP1.to_vec()];
+    Arc::new(c)
+}
+
 async fn send_h2(
     addr: SocketAddr,
     mut req: Request<Body>,
     connect_timeout: Duration,
+    mesh: Option<&Mesh>,
 ) -> Result<Response<Body>, SendError> {
-    let existing = H2.with(|h2| h2.borrow().get(&addr).filter(|s| !s.is_closed()).cloned());
+    let key = (addr, mesh.is_some());
+    let existing = H2.with(|h2| h2.borrow().get(&key).filter(|s| !s.is_closed()).cloned());
     if let Some(mut sender) = existing {
         match sender.try_send_request(req).await {
             Ok(resp) => return Ok(resp.map(|b| Body::Upstream(b, PoolReturn::none()))),
@@ -159,7 +236,7 @@ async fn send_h2(
             },
         }
     }
-    let io = match connect(addr, connect_timeout).await {
+    let io = match connect_maybe_tls(addr, connect_timeout, mesh).await {
         Ok(io) => io,
         Err(e) => return Err(SendError::Connect(e, Box::new(req))),
     };
@@ -177,7 +254,7 @@ async fn send_h2(
             tracing::debug!(%addr, error = %e, "upstream h2 connection ended");
         }
     });
-    H2.with(|h2| h2.borrow_mut().insert(addr, sender.clone()));
+    H2.with(|h2| h2.borrow_mut().insert(key, sender.clone()));
     match sender.send_request(req).await {
         Ok(resp) => Ok(resp.map(|b| Body::Upstream(b, PoolReturn::none()))),
         Err(e) => Err(SendError::Upstream(e)),

@@ -14,6 +14,8 @@ pub struct WeightedBackend {
     pub balancer: Arc<Balancer>,
     /// What to speak to this backend's endpoints; `None` follows the client.
     pub protocol: Option<smesh_model::Protocol>,
+    /// The target Service's BackendPolicy (circuit breaker, outlier detection, budget).
+    pub policy: Option<Arc<crate::policy::ServicePolicy>>,
 }
 
 pub struct RetryPolicy {
@@ -49,6 +51,8 @@ pub struct Rule {
     pub try_timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
     pub metrics: Arc<RouteMetrics>,
+    /// HTTPRoute filters; `None` when the rule has none.
+    pub filters: Option<Box<crate::filters::Filters>>,
 }
 
 impl Rule {
@@ -72,6 +76,7 @@ impl Rule {
             try_timeout,
             retry,
             metrics,
+            filters: None,
         }
     }
 

@@ -6,6 +6,7 @@ use crate::access_log::AccessLog;
 use crate::balance::Balancer;
 use crate::detect::{detect, Detected, PrefixedIo};
 use crate::http::{HttpProxy, Target};
+use crate::identity::{MeshTls, TlsHandle};
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
 use crate::tcp;
@@ -54,6 +55,8 @@ pub struct Shared {
     pub limits: Limits,
     pub access_log: Option<AccessLog>,
     pub connections: AtomicUsize,
+    /// This proxy's mesh identity, once it has one.
+    pub tls: TlsHandle,
 }
 
 pub struct ListenerSpec {
@@ -158,7 +161,7 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    async fn serve(self, mut stream: TcpStream, mut stop: watch::Receiver<bool>) {
+    async fn serve(self, mut stream: TcpStream, stop: watch::Receiver<bool>) {
         let _ = stream.set_nodelay(true);
         let limits = &self.shared.limits;
         let (protocol, prefix) = if self.spec.tcp_only || self.upstream_is_tcp() {
@@ -174,54 +177,142 @@ impl Connection {
             }
         };
         let io = PrefixedIo::new(prefix, stream);
+        if matches!(self.spec.target, Target::Inbound(_)) {
+            let strict = self.shared.config.load().mtls == smesh_model::MtlsMode::Strict;
+            match (protocol, self.shared.tls.load_full()) {
+                (Detected::Tls, Some(tls)) => return self.serve_mesh(io, tls, stop).await,
+                (_, _) if strict => {
+                    // Strict mTLS: nothing but mesh TLS from peers on the inbound port.
+                    self.shared
+                        .metrics
+                        .proxy_error(self.spec.direction, "plaintext refused");
+                    tracing::debug!(peer = %self.peer, "plaintext connection refused: mtls is strict");
+                    return;
+                }
+                _ => {}
+            }
+        }
+        match protocol {
+            Detected::Http1 => self.serve_http(io, false, None, stop).await,
+            Detected::Http2 => self.serve_http(io, true, None, stop).await,
+            // Application TLS and everything else is passed through untouched.
+            Detected::Tls | Detected::Opaque => {
+                if self.tcp_allowed(None) {
+                    self.forward_tcp(io).await
+                }
+            }
+        }
+    }
+
+    /// Terminates mesh mTLS from a peer proxy, then serves what its ALPN says.
+    async fn serve_mesh(&self, io: PrefixedIo<TcpStream>, tls: Arc<MeshTls>, stop: watch::Receiver<bool>) {
+        let accept = tokio_rustls::TlsAcceptor::from(tls.server.clone()).accept(io);
+        let stream = match tokio::time::timeout(self.shared.limits.idle_timeout, accept).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.shared
+                    .metrics
+                    .proxy_error(self.spec.direction, "tls handshake failed");
+                tracing::debug!(peer = %self.peer, error = %e, "mesh TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        };
+        let (_, session) = stream.get_ref();
+        let peer = session
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(crate::identity::peer_identity);
+        let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+        let peer: Option<Arc<str>> = peer.map(Arc::from);
+        match alpn.as_deref() {
+            Some(crate::identity::ALPN_H2) => self.serve_http(stream, true, peer, stop).await,
+            Some(crate::identity::ALPN_HTTP1) => self.serve_http(stream, false, peer, stop).await,
+            Some(crate::identity::ALPN_TCP) => {
+                if self.tcp_allowed(peer.as_deref()) {
+                    self.forward_tcp(stream).await
+                }
+            }
+            _ => tracing::debug!(peer = %self.peer, "mesh TLS connection without a known ALPN"),
+        }
+    }
+
+    async fn serve_http<I>(&self, io: I, h2: bool, peer: Option<Arc<str>>, mut stop: watch::Receiver<bool>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let limits = &self.shared.limits;
         let proxy = HttpProxy {
             shared: self.shared.clone(),
             target: self.spec.target.clone(),
             direction: self.spec.direction,
             client: self.peer,
+            peer,
         };
         let service = service_fn(move |req| proxy.clone().handle(req));
-        let result = match protocol {
-            Detected::Http1 => {
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .max_buf_size(limits.max_header_bytes.max(8192))
-                    .header_read_timeout(limits.idle_timeout)
-                    .serve_connection(TokioIo::new(io), service)
-                    .with_upgrades();
-                let mut conn = std::pin::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = stopped(&mut stop) => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
+        let result = if h2 {
+            let conn = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
+                .max_concurrent_streams(limits.max_concurrent_streams)
+                .keep_alive_interval(Some(limits.idle_timeout / 2))
+                .serve_connection(TokioIo::new(io), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
                 }
             }
-            Detected::Http2 => {
-                let conn = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
-                    .max_concurrent_streams(limits.max_concurrent_streams)
-                    .keep_alive_interval(Some(limits.idle_timeout / 2))
-                    .serve_connection(TokioIo::new(io), service);
-                let mut conn = std::pin::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = stopped(&mut stop) => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
+        } else {
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .max_buf_size(limits.max_header_bytes.max(8192))
+                .header_read_timeout(limits.idle_timeout)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
                 }
-            }
-            Detected::Opaque => {
-                self.forward_tcp(io).await;
-                return;
             }
         };
         if let Err(e) = result {
             tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
         }
+    }
+
+    /// Authorization of an opaque TCP connection to the local app (inbound only): a denied
+    /// connection is closed.
+    fn tcp_allowed(&self, peer: Option<&str>) -> bool {
+        let Target::Inbound(rule) = &self.spec.target else {
+            return true;
+        };
+        let service = &rule.backends[0].service;
+        let snapshot = self.shared.config.load();
+        if snapshot.authz.is_open(service) {
+            return true;
+        }
+        let port = rule.backends[0]
+            .balancer
+            .endpoints()
+            .first()
+            .map_or(0, |e| e.addr.port());
+        let decision = snapshot.authz.decide(
+            service,
+            &crate::authz::Request {
+                peer,
+                method: None,
+                path: None,
+                port,
+            },
+        );
+        crate::authz::count(&self.shared.metrics, service, &decision);
+        decision.allowed()
     }
 
     /// A `--upstream` port for a service declared `protocol: tcp` skips detection, so
@@ -238,7 +329,10 @@ impl Connection {
         }
     }
 
-    async fn forward_tcp(&self, io: PrefixedIo<TcpStream>) {
+    async fn forward_tcp<I>(&self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let snapshot;
         let (service, balancer): (&str, &Balancer) = match &self.spec.target {
             Target::Inbound(rule) => ("app", &rule.backends[0].balancer),
@@ -258,7 +352,8 @@ impl Connection {
                 return;
             }
         };
-        let upstream = match tcp::connect_any(balancer, self.shared.limits.connect_timeout).await {
+        let tls = self.shared.tls.load_full();
+        let upstream = match tcp::connect_any(balancer, self.shared.limits.connect_timeout, tls.as_deref()).await {
             Ok((stream, _)) => stream,
             Err((error, detail)) => {
                 tracing::debug!(service, %detail, "tcp connect failed");

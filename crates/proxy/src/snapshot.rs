@@ -3,21 +3,27 @@
 
 use crate::balance::{Balancer, Endpoint, EndpointStats};
 use crate::metrics::Metrics;
+use crate::policy::ServicePolicy;
 use crate::route::{RetryPolicy, RouteMatch, Rule, WeightedBackend};
 use rustc_hash::FxHashMap;
-use smesh_model::{HttpRoute, Protocol, Resource, Service, Sourced};
+use smesh_model::{HttpRoute, MtlsMode, Protocol, Resource, Service, Sourced};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub struct Snapshot {
     pub generation: u64,
+    /// From the MeshConfig, if any.
+    pub mtls: MtlsMode,
+    pub authz: crate::authz::AuthzTable,
     /// The resources this snapshot was built from, for `/config`.
     pub resources: Vec<Resource>,
     services: Vec<ServiceTable>,
     by_name: FxHashMap<String, usize>,
     /// Host names are configuration, not request data: FxHash is safe and cheap here.
     by_host: FxHashMap<String, usize>,
+    /// BackendPolicies by target Service (state carried over by the next build).
+    policies: FxHashMap<String, Arc<ServicePolicy>>,
 }
 
 /// Everything needed to route a request addressed to one Service.
@@ -47,10 +53,13 @@ impl Snapshot {
     pub fn empty() -> Self {
         Snapshot {
             generation: 0,
+            mtls: MtlsMode::default(),
+            authz: Default::default(),
             resources: Vec::new(),
             services: Vec::new(),
             by_name: FxHashMap::default(),
             by_host: FxHashMap::default(),
+            policies: FxHashMap::default(),
         }
     }
 
@@ -114,6 +123,7 @@ impl Snapshot {
                             weight: e.weight.unwrap_or(1),
                             labels: e.labels.clone(),
                             stats: stats.entry(addr).or_default().clone(),
+                            server_name: e.identity.as_deref().and_then(crate::identity::server_name),
                         }))
                     })
                     .collect();
@@ -136,6 +146,19 @@ impl Snapshot {
                 .get(service)
                 .and_then(|s| s.spec.ports.iter().find_map(|p| p.protocol))
         };
+        // BackendPolicies: if several target one Service, the first applies.
+        let mut policies: FxHashMap<String, Arc<ServicePolicy>> = FxHashMap::default();
+        for item in items {
+            if let Resource::BackendPolicy(p) = &item.resource {
+                let target = p.spec.target_ref.name.as_str();
+                if !policies.contains_key(target) && lb_of.contains_key(target) {
+                    let all = balancer_for(target, &BTreeMap::new());
+                    let previous = previous.policies.get(target).map(|p| &**p);
+                    let built = ServicePolicy::build(&p.spec, target, all, metrics, previous);
+                    policies.insert(target.to_string(), Arc::new(built));
+                }
+            }
+        }
         let mut tables = Vec::new();
         let mut by_name = FxHashMap::default();
         let mut by_host = FxHashMap::default();
@@ -156,6 +179,7 @@ impl Snapshot {
                             service: name.clone(),
                             balancer: balancer.clone(),
                             protocol: own_protocol,
+                            policy: policies.get(&*name).cloned(),
                         }]
                     } else {
                         rule.backend_refs
@@ -165,16 +189,28 @@ impl Snapshot {
                                 service: Arc::from(b.name.as_str()),
                                 balancer: balancer_for(&b.name, &b.subset),
                                 protocol: protocol_of(&b.name),
+                                policy: policies.get(b.name.as_str()).cloned(),
                             })
                             .collect()
                     };
-                    let compiled = Arc::new(Rule::new(
+                    let mut compiled = Rule::new(
                         route.metadata.name.as_str(),
                         backends,
                         rule.timeouts.clone().unwrap_or_default(),
                         rule.retry.as_ref().map(RetryPolicy::from),
                         route_metrics.clone(),
-                    ));
+                    );
+                    compiled.filters = crate::filters::Filters::compile(
+                        rule,
+                        &crate::filters::Context {
+                            service: &name,
+                            route: &route.metadata.name,
+                            metrics,
+                            balancer: &balancer_for,
+                            protocol: &protocol_of,
+                        },
+                    );
+                    let compiled = Arc::new(compiled);
                     if rule.matches.is_empty() {
                         matches.push((RouteMatch::everything(), compiled));
                     } else {
@@ -195,6 +231,7 @@ impl Snapshot {
                         service: name.clone(),
                         balancer: balancer.clone(),
                         protocol: own_protocol,
+                        policy: policies.get(&*name).cloned(),
                     }],
                     Default::default(),
                     None,
@@ -223,12 +260,22 @@ impl Snapshot {
                 matches,
             });
         }
+        let mtls = items
+            .iter()
+            .find_map(|i| match &i.resource {
+                Resource::MeshConfig(m) => Some(m.spec.mtls),
+                _ => None,
+            })
+            .unwrap_or_default();
         Snapshot {
             generation: previous.generation + 1,
+            mtls,
+            authz: crate::authz::AuthzTable::build(items),
             resources: items.iter().map(|i| i.resource.clone()).collect(),
             services: tables,
             by_name,
             by_host,
+            policies,
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::balance::{mark_failed, Balancer};
 use crate::errors::ProxyError;
+use crate::identity::MeshTls;
 use crate::metrics::TcpMetrics;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,11 +11,18 @@ use tokio::net::TcpStream;
 
 const MAX_CONNECT_ATTEMPTS: usize = 3;
 
+/// A byte stream to an upstream: plain TCP, or mesh mTLS to a peer proxy.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 /// Connects to an endpoint of `balancer`, moving on to another one when a connect fails.
+/// Endpoints fronted by a smesh proxy are reached over mesh mTLS when this proxy has an
+/// identity; the peer must present the identity the control plane announced for it.
 pub async fn connect_any(
     balancer: &Balancer,
     timeout: Duration,
-) -> Result<(TcpStream, SocketAddr), (ProxyError, String)> {
+    tls: Option<&MeshTls>,
+) -> Result<(Box<dyn Io>, SocketAddr), (ProxyError, String)> {
     if balancer.is_empty() {
         return Err((ProxyError::NoEndpoints, "no endpoints".into()));
     }
@@ -25,7 +33,15 @@ pub async fn connect_any(
         match tokio::time::timeout(timeout, TcpStream::connect(endpoint.addr)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                return Ok((stream, endpoint.addr));
+                let Some((tls, name)) = tls.zip(endpoint.server_name.clone()) else {
+                    return Ok((Box::new(stream), endpoint.addr));
+                };
+                let connector = tokio_rustls::TlsConnector::from(tls.client_tcp.clone());
+                match tokio::time::timeout(timeout, connector.connect(name, stream)).await {
+                    Ok(Ok(tls_stream)) => return Ok((Box::new(tls_stream), endpoint.addr)),
+                    Ok(Err(e)) => last_error = format!("{}: mesh TLS: {e}", endpoint.addr),
+                    Err(_) => last_error = format!("{}: mesh TLS handshake timed out", endpoint.addr),
+                }
             }
             Ok(Err(e)) => last_error = format!("{}: {e}", endpoint.addr),
             Err(_) => last_error = format!("{}: connect timed out", endpoint.addr),

@@ -1,0 +1,111 @@
+//! The `RequestMirror` filter: a copy of a share of requests goes to a shadow service,
+//! fire-and-forget. The shadow's answers and failures are read and dropped, never seen by the
+//! client; each worker keeps at most [`MAX_IN_FLIGHT_PER_WORKER`] mirrors in flight and drops
+//! (and counts) the rest, so a slow shadow cannot hold memory or slow the client.
+
+use crate::balance::{Balancer, InFlight};
+use crate::body::Body;
+use crate::http::{build_request, upstream_version};
+use bytes::Bytes;
+use http::request::Parts;
+use http::Request;
+use http_body_util::BodyExt;
+use prometheus::IntCounter;
+use smesh_model::Protocol;
+use std::cell::Cell;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const MAX_IN_FLIGHT_PER_WORKER: usize = 256;
+/// A mirrored request (and reading its response) gives up after this long.
+pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
+
+thread_local! {
+    static IN_FLIGHT: Cell<usize> = const { Cell::new(0) };
+}
+
+pub struct Mirror {
+    pub service: Arc<str>,
+    pub balancer: Arc<Balancer>,
+    pub protocol: Option<Protocol>,
+    pub fraction: f64,
+    pub counters: MirrorCounters,
+}
+
+#[derive(Clone)]
+pub struct MirrorCounters {
+    /// The shadow answered (any status).
+    pub sent: IntCounter,
+    /// Connect/transport failure or timeout.
+    pub failed: IntCounter,
+    /// Not sent: too many mirrors in flight on this worker, or no endpoint.
+    pub dropped: IntCounter,
+    /// Not sent: the request body was streamed, not kept.
+    pub skipped: IntCounter,
+}
+
+struct Slot;
+
+impl Slot {
+    fn take() -> Option<Slot> {
+        IN_FLIGHT.with(|n| {
+            if n.get() >= MAX_IN_FLIGHT_PER_WORKER {
+                None
+            } else {
+                n.set(n.get() + 1);
+                Some(Slot)
+            }
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        IN_FLIGHT.with(|n| n.set(n.get().saturating_sub(1)));
+    }
+}
+
+impl Mirror {
+    /// Maybe sends a copy of the request (head as it will be forwarded, body if kept).
+    pub fn send(&self, head: &Parts, body: Option<&Bytes>, connect_timeout: Duration) {
+        if !crate::fault::chance(self.fraction) {
+            return;
+        }
+        let Some(body) = body else {
+            self.counters.skipped.inc();
+            return;
+        };
+        let Some(slot) = Slot::take() else {
+            self.counters.dropped.inc();
+            return;
+        };
+        let Some(endpoint) = self.balancer.pick(&[]).cloned() else {
+            self.counters.dropped.inc();
+            return;
+        };
+        let version = upstream_version(self.protocol, head.version, false);
+        let mut req = Request::new(());
+        *req.method_mut() = head.method.clone();
+        *req.uri_mut() = head.uri.clone();
+        *req.headers_mut() = head.headers.clone();
+        let (parts, ()) = req.into_parts();
+        let req = build_request(parts, version, Body::full(body.clone()));
+        let counters = self.counters.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let in_flight = InFlight::start(&endpoint);
+            let exchange = async {
+                let resp = crate::pool::send(endpoint.addr, version, req, connect_timeout, false, None)
+                    .await
+                    .map_err(|_| ())?;
+                in_flight.answered();
+                resp.into_body().collect().await.map_err(|_| ())?;
+                Ok::<(), ()>(())
+            };
+            match tokio::time::timeout(MIRROR_TIMEOUT, exchange).await {
+                Ok(Ok(())) => counters.sent.inc(),
+                _ => counters.failed.inc(),
+            }
+        });
+    }
+}
