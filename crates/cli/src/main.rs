@@ -35,13 +35,13 @@ struct Cli {
 #[derive(Args)]
 struct Remote {
     /// The control plane's address.
-    #[arg(long, env = "SMESH_CONTROL", default_value = "http://127.0.0.1:4180")]
+    #[arg(long, global = true, env = "SMESH_CONTROL", default_value = "http://127.0.0.1:4180")]
     control: String,
     /// Admin token for writes (else --token-file, else ./smesh-data/admin-token if present).
-    #[arg(long, env = "SMESH_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "SMESH_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// File holding the admin token.
-    #[arg(long, env = "SMESH_TOKEN_FILE")]
+    #[arg(long, global = true, env = "SMESH_TOKEN_FILE")]
     token_file: Option<PathBuf>,
 }
 

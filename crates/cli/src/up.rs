@@ -224,20 +224,25 @@ pub fn run(args: UpArgs) -> Result<(), String> {
         }
         a
     };
-    children.spawn(&exe, "proxy-web", &proxy_args("web", "v1", &web, None), &logs)?;
-    children.spawn(
-        &exe,
-        "proxy-api-v1",
-        &proxy_args("api", "v1", &api_v1, Some(db_via_v1)),
-        &logs,
-    )?;
-    children.spawn(
-        &exe,
-        "proxy-api-v2",
-        &proxy_args("api", "v2", &api_v2, Some(db_via_v2)),
-        &logs,
-    )?;
-    children.spawn(&exe, "proxy-db", &proxy_args("db", "v1", &db, None), &logs)?;
+    // Each proxy gets its identity with a join token of its own: the demo runs on mTLS.
+    let proxies = [
+        ("proxy-web", "web", "v1", &web, None),
+        ("proxy-api-v1", "api", "v1", &api_v1, Some(db_via_v1)),
+        ("proxy-api-v2", "api", "v2", &api_v2, Some(db_via_v2)),
+        ("proxy-db", "db", "v1", &db, None),
+    ];
+    for (name, service, version, p, upstream) in proxies {
+        let token = join_token(
+            &exe,
+            &control_url,
+            &token_file,
+            service,
+            &logs.join(format!("{name}.token")),
+        )?;
+        let mut args = proxy_args(service, version, p, upstream);
+        args.extend([s("--token-file"), token.display().to_string()]);
+        children.spawn(&exe, name, &args, &logs)?;
+    }
     for p in [&web, &api_v1, &api_v2, &db] {
         wait_for("a proxy", Duration::from_secs(10), || {
             http_ok(p.admin, "/ready", "admin").is_some()
@@ -290,6 +295,40 @@ fn apply(exe: &Path, control: &str, token_file: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Creates a join token for `service` with the CLI and writes it to `path` (owner-only).
+fn join_token(exe: &Path, control: &str, admin_token: &Path, service: &str, path: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let out = Command::new(exe)
+        .args([
+            "token",
+            "create",
+            "--service",
+            service,
+            "--control",
+            control,
+            "--token-file",
+        ])
+        .arg(admin_token)
+        .output()
+        .map_err(|e| format!("cannot run smesh token create: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "smesh token create failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    f.write_all(&out.stdout)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(path.to_path_buf())
+}
+
 fn print_banner(args: &UpArgs, control: SocketAddr, web: &Proxy, token: &Path, logs: &Path) {
     let web_out = web.outbound;
     println!(
@@ -300,11 +339,11 @@ smesh demo mesh is up.
   logs             {logs}/
 
 Try:
-  curl -H 'Host: web' http://{web_out}/hello                  # web -> api (80% v1, 20% v2) -> db (TCP)
+  curl -H 'Host: web' http://{web_out}/hello                  # web -> api (80% v1, 20% v2) -> db (TCP), all on mTLS
   curl -H 'Host: api' -H 'x-canary: true' http://{web_out}/    # always api v2
   curl -x http://{web_out} http://api/                          # the proxy as an HTTP proxy
   export SMESH_CONTROL=http://{control} SMESH_TOKEN_FILE={token}
-  smesh get services; smesh get endpoints api; smesh get proxies
+  smesh get services; smesh get endpoints api; smesh get proxies; smesh get certificates
   smesh kv put demo/greeting hello; smesh kv get demo/greeting
   curl -s http://{web_admin}/metrics | grep smesh_requests_total
 
