@@ -137,6 +137,38 @@ fn operation_matches(op: &Operation, req: &Request<'_>) -> bool {
     method_ok && path_ok && port_ok
 }
 
+/// Decides an inbound request or connection to the app behind `rule` (the inbound rule, whose
+/// one backend is the app), counting the decision. `None`: nothing governs the service.
+pub fn decide_inbound(
+    snapshot: &crate::snapshot::Snapshot,
+    metrics: &Metrics,
+    rule: &crate::route::Rule,
+    peer: Option<&str>,
+    method: Option<&Method>,
+    path: Option<&str>,
+) -> Option<Decision> {
+    let service = &rule.backends[0].service;
+    if snapshot.authz.is_open(service) {
+        return None;
+    }
+    let port = rule.backends[0]
+        .balancer
+        .endpoints()
+        .first()
+        .map_or(0, |e| e.addr.port());
+    let decision = snapshot.authz.decide(
+        service,
+        &Request {
+            peer,
+            method,
+            path,
+            port,
+        },
+    );
+    count(metrics, service, &decision);
+    Some(decision)
+}
+
 /// Counts a decision in `smesh_authz_decisions_total{service, policy, decision}`.
 pub fn count(metrics: &Metrics, service: &str, decision: &Decision) {
     let verdict = if decision.allowed() { "allow" } else { "deny" };

@@ -124,25 +124,9 @@ impl HttpProxy {
 
     /// Inbound authorization with the verified peer identity; `Some` is the denial to send.
     fn authorize(&self, req: &Request<Incoming>, rule: &Rule, grpc: bool) -> Option<Response<Body>> {
-        let service = &rule.backends[0].service;
         let snapshot = self.shared.config.load();
-        if snapshot.authz.is_open(service) {
-            return None;
-        }
-        let port = rule.backends[0]
-            .balancer
-            .endpoints()
-            .first()
-            .map_or(0, |e| e.addr.port());
-        let ask = crate::authz::Request {
-            peer: self.peer.as_deref(),
-            method: Some(req.method()),
-            path: Some(req.uri().path()),
-            port,
-        };
-        let decision = snapshot.authz.decide(service, &ask);
-        crate::authz::count(&self.shared.metrics, service, &decision);
-        match decision {
+        let (peer, method, path) = (self.peer.as_deref(), Some(req.method()), Some(req.uri().path()));
+        match crate::authz::decide_inbound(&snapshot, &self.shared.metrics, rule, peer, method, path)? {
             crate::authz::Decision::Allow(_) => None,
             crate::authz::Decision::Deny(policy) => {
                 let by = policy.as_deref().unwrap_or("the default policy");

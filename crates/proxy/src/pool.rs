@@ -155,19 +155,25 @@ pub async fn send(
         Ok(io) => io,
         Err(e) => return Err(SendError::Connect(e, Box::new(req))),
     };
-    let (mut sender, conn) = match http1::handshake(io).await {
-        Ok(pair) => pair,
-        Err(e) => return Err(SendError::Upstream(e)),
-    };
+    let mut sender = h1_handshake(io, addr).await.map_err(SendError::Upstream)?;
+    match sender.send_request(req).await {
+        Ok(resp) => Ok(pooled_response(resp, addr, sender, upgrade)),
+        Err(e) => Err(SendError::Upstream(e)),
+    }
+}
+
+/// An HTTP/1.1 client connection whose connection task runs on this worker.
+async fn h1_handshake<I>(io: I, addr: SocketAddr) -> Result<http1::SendRequest<Body>, hyper::Error>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(io).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(%addr, error = %e, "upstream connection ended");
         }
     });
-    match sender.send_request(req).await {
-        Ok(resp) => Ok(pooled_response(resp, addr, sender, upgrade)),
-        Err(e) => Err(SendError::Upstream(e)),
-    }
+    Ok(sender)
 }
 
 fn pooled_response(
@@ -199,13 +205,7 @@ async fn send_h1_tunnel(
         Ok(io) => io,
         Err(e) => return Err(SendError::Connect(e, Box::new(req))),
     };
-    let (mut sender, conn) = match http1::handshake(io).await {
-        Ok(pair) => pair,
-        Err(e) => return Err(SendError::Upstream(e)),
-    };
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
+    let mut sender = h1_handshake(io, addr).await.map_err(SendError::Upstream)?;
     match sender.send_request(req).await {
         Ok(resp) => Ok(resp.map(|b| Body::Upstream(b, PoolReturn::none()))),
         Err(e) => Err(SendError::Upstream(e)),

@@ -292,27 +292,9 @@ impl Connection {
         let Target::Inbound(rule) = &self.spec.target else {
             return true;
         };
-        let service = &rule.backends[0].service;
         let snapshot = self.shared.config.load();
-        if snapshot.authz.is_open(service) {
-            return true;
-        }
-        let port = rule.backends[0]
-            .balancer
-            .endpoints()
-            .first()
-            .map_or(0, |e| e.addr.port());
-        let decision = snapshot.authz.decide(
-            service,
-            &crate::authz::Request {
-                peer,
-                method: None,
-                path: None,
-                port,
-            },
-        );
-        crate::authz::count(&self.shared.metrics, service, &decision);
-        decision.allowed()
+        crate::authz::decide_inbound(&snapshot, &self.shared.metrics, rule, peer, None, None)
+            .is_none_or(|d| d.allowed())
     }
 
     /// A `--upstream` port for a service declared `protocol: tcp` skips detection, so
