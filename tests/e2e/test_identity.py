@@ -383,3 +383,33 @@ def test_authorization_for_http_grpc_and_tcp(run, grpc_server, grpc_stubs):
     ds = db.metrics()
     assert metric_sum(ds, "smesh_authz_decisions_total", service="db", decision="allow") == 1
     assert metric_sum(ds, "smesh_authz_decisions_total", service="db", decision="deny") == 1
+
+
+@pytest.mark.timeout(90)
+def test_smesh_check_reports_missing_identities_and_late_renewals(run):
+    import signal as sig
+    cp = control(run)
+    apply(cp, MESH % "certificateTtl: 6s")
+    api, _ = meshed(run, cp, "api", token_file(run, cp, "api"))
+    wait_until(lambda: metric_sum(api.metrics(), "smesh_identity_certifications_total", result="ok") >= 1,
+               15, what="api's certificate")
+    r = cp.cli("check")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "ok   ca" in r.stdout and "ok   certificates" in r.stdout, r.stdout
+
+    # a registered proxy without a token: named by smesh check, which then fails
+    app = run.http_backend("cache-app")
+    run.mesh_proxy([cp.url], service="cache", app_port=app.port, name="cache-proxy")
+    r = cp.cli("check")
+    assert r.returncode != 0 and "without an identity" in r.stdout and "(cache)" in r.stdout, r.stdout
+
+    # a proxy that stops renewing (frozen) shows up well before its certificate expires
+    api.proc.signal(sig.SIGSTOP)
+    try:
+        wait_until(lambda: "not renewed in time" in cp.cli("check").stdout, 15, interval=0.5,
+                   what="smesh check to report the late renewal")
+        assert f"spiffe://{TD}/service/api" in cp.cli("check").stdout
+    finally:
+        api.proc.signal(sig.SIGCONT)
+    wait_until(lambda: "not renewed in time" not in cp.cli("check").stdout, 15, interval=0.5,
+               what="the renewal after the proxy resumed")

@@ -159,6 +159,28 @@ pub async fn get(control: &Control, kind: &str, name: Option<&str>, output: &str
     Ok(())
 }
 
+/// Prints each check; fails (non-zero exit) if any did.
+pub async fn check(control: &Control) -> Result<(), String> {
+    let v = control.get("/api/v1/check").await?.json()?;
+    for c in v["checks"].as_array().into_iter().flatten() {
+        let mark = if c["ok"].as_bool() == Some(true) {
+            "ok  "
+        } else {
+            "FAIL"
+        };
+        println!(
+            "{mark} {:<14} {}",
+            c["name"].as_str().unwrap_or("?"),
+            c["detail"].as_str().unwrap_or("")
+        );
+    }
+    if v["ok"].as_bool() == Some(true) {
+        Ok(())
+    } else {
+        Err("some checks failed".into())
+    }
+}
+
 pub async fn token_create(control: &Control, service: &str, ttl: &str) -> Result<(), String> {
     let body = serde_json::json!({"service": service, "ttl": ttl}).to_string();
     let v = control

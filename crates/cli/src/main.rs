@@ -75,6 +75,11 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Check the mesh's identity system: the CA, certificate renewals, proxies without identity.
+    Check {
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Join tokens: a proxy uses one once to get its first certificate.
     Token {
         #[command(subcommand)]
@@ -333,6 +338,7 @@ fn main() -> ExitCode {
         Command::Delete { kind, name, remote } => {
             with_control(remote, |c| async move { commands::delete(&c, &kind, &name).await })
         }
+        Command::Check { remote } => with_control(remote, |c| async move { commands::check(&c).await }),
         Command::Token { command, remote } => with_control(remote, |c| async move {
             match command {
                 TokenCommand::Create { service, ttl } => commands::token_create(&c, &service, &ttl).await,

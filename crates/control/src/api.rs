@@ -19,6 +19,8 @@ use std::sync::Arc;
 pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub token: String,
+    /// Unix time the CA root expires, for `smesh check`.
+    pub ca_root_not_after: Option<u64>,
 }
 
 pub type Shared = Arc<ApiState>;
@@ -32,6 +34,7 @@ pub fn routes(state: Shared) -> Router {
         .route("/api/v1/proxies", get(proxies))
         .route("/api/v1/tokens", axum::routing::post(crate::identity::create_token))
         .route("/api/v1/certificates", get(certificates))
+        .route("/api/v1/check", get(crate::check::check))
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(crate::kv::routes())
         .with_state(state)

@@ -93,6 +93,12 @@ impl Ca {
         })
     }
 
+    /// Unix time the root expires.
+    pub fn root_not_after(&self) -> Option<u64> {
+        let (_, root) = X509Certificate::from_der(&self.root_der).ok()?;
+        u64::try_from(root.validity().not_after.timestamp()).ok()
+    }
+
     /// Signs `csr_pem`'s public key into a certificate for `service`. Everything else in the
     /// request (names, extensions) is ignored: the CA decides what the certificate says.
     pub fn issue(&self, csr_pem: &str, service: &str, ttl: Duration) -> Result<(String, SystemTime), String> {

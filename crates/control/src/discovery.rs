@@ -94,6 +94,7 @@ impl Session {
             version: hello.version.clone(),
             service: endpoint.service.clone(),
             address: endpoint.address.clone(),
+            identity: endpoint.identity.clone(),
             control: replica,
             last_seen: now_secs(),
             ..Default::default()

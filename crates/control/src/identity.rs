@@ -35,6 +35,8 @@ pub struct IssuedCertificate {
     pub spiffe_id: String,
     pub serial: String,
     pub not_after_unix: u64,
+    #[serde(default)]
+    pub issued_unix: u64,
     pub renewal: bool,
 }
 
@@ -118,6 +120,7 @@ impl IdentityService {
             spiffe_id: crate::ca::spiffe_id(&self.ca.trust_domain, service),
             serial: serial.clone(),
             not_after_unix: unix(not_after),
+            issued_unix: unix(SystemTime::now()),
             renewal,
         };
         let ttl = not_after

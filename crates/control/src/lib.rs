@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod ca;
+pub mod check;
 pub mod compose;
 pub mod discovery;
 pub mod feed;
@@ -135,6 +136,7 @@ async fn serve(options: ControlOptions) -> Result<(), String> {
         None => None,
     };
     let ca = Arc::new(ca::Ca::load_or_create(store.as_ref(), &options.trust_domain, given_ca).await?);
+    let ca_root_not_after = ca.root_not_after();
     let identity = identity::IdentityService {
         store: store.clone(),
         ca,
@@ -142,7 +144,11 @@ async fn serve(options: ControlOptions) -> Result<(), String> {
     let grpc = tonic::service::Routes::new(smesh_api::v1::discovery_server::DiscoveryServer::new(discovery))
         .add_service(smesh_api::v1::identity_server::IdentityServer::new(identity))
         .into_axum_router();
-    let app = grpc.merge(api::routes(Arc::new(api::ApiState { store, token })));
+    let app = grpc.merge(api::routes(Arc::new(api::ApiState {
+        store,
+        token,
+        ca_root_not_after,
+    })));
     tracing::info!(listen = %options.listen, store = %options.store, "smesh control ready");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(

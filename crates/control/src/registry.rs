@@ -39,4 +39,7 @@ pub struct ProxyStatus {
     pub last_error: String,
     /// Unix seconds of the last message from the proxy.
     pub last_seen: u64,
+    /// The SPIFFE ID the proxy announced (empty: it has no certificate).
+    #[serde(default)]
+    pub identity: String,
 }
