@@ -3,7 +3,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/smesh.proto");
     let descriptors = protox::compile(["smesh.proto"], ["proto"])?;
     tonic_prost_build::configure()
-        .bytes(".smesh.v1.ConfigSnapshot.resources_yaml")
+        .bytes(".smesh.v1.ConfigSnapshot")
         .compile_fds(descriptors)?;
     Ok(())
 }

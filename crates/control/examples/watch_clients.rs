@@ -161,7 +161,7 @@ async fn run_stream(
             message = inbound.message() => match message {
                 Ok(Some(snapshot)) => {
                     let t = now_ns();
-                    let len = snapshot.resources_yaml.len() as u64;
+                    let len = (snapshot.resources_yaml.len() + snapshot.resources_yaml_gzip.len()) as u64;
                     shared.snapshot_bytes.store(len, Ordering::Relaxed);
                     shared.snapshots.fetch_add(1, Ordering::Relaxed);
                     shared.bytes_total.fetch_add(len, Ordering::Relaxed);

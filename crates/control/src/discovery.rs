@@ -170,7 +170,8 @@ impl Session {
             if let Some(current) = current.filter(|c| sent != Some(c.version)) {
                 let snapshot = ConfigSnapshot {
                     version: current.version,
-                    resources_yaml: current.yaml.clone(),
+                    resources_yaml: bytes::Bytes::new(),
+                    resources_yaml_gzip: current.gzip.clone(),
                 };
                 if tx.send(Ok(snapshot)).await.is_err() {
                     break;

@@ -12,6 +12,8 @@ use tokio::sync::watch;
 pub struct Composed {
     pub version: u64,
     pub yaml: bytes::Bytes,
+    /// `yaml` gzip-compressed, once for every stream.
+    pub gzip: bytes::Bytes,
 }
 
 /// The newest snapshot; `None` until the store has been read once.
@@ -63,9 +65,18 @@ fn publish(tx: &watch::Sender<Option<Arc<Composed>>>, version: u64, kvs: &[KeyVa
         }
         *current = Some(Arc::new(Composed {
             version,
+            gzip: gzip(yaml.as_bytes()),
             yaml: bytes::Bytes::from(yaml),
         }));
         true
     });
     tracing::debug!(version, "configuration snapshot composed");
+}
+
+fn gzip(data: &[u8]) -> bytes::Bytes {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 8), flate2::Compression::fast());
+    // Writing to a Vec cannot fail.
+    let _ = encoder.write_all(data);
+    bytes::Bytes::from(encoder.finish().unwrap_or_default())
 }

@@ -23,6 +23,8 @@ pub struct HttpRouteFilter {
     pub request_mirror: Option<RequestMirror>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault_injection: Option<FaultInjection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<crate::RateLimit>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -34,6 +36,8 @@ pub enum FilterType {
     RequestRedirect,
     RequestMirror,
     FaultInjection,
+    /// smesh's own: a local token bucket (see `crate::RateLimit`).
+    RateLimit,
 }
 
 impl FilterType {
@@ -46,6 +50,7 @@ impl FilterType {
             FilterType::RequestRedirect => "requestRedirect",
             FilterType::RequestMirror => "requestMirror",
             FilterType::FaultInjection => "faultInjection",
+            FilterType::RateLimit => "rateLimit",
         }
     }
 }
@@ -197,6 +202,7 @@ pub fn validate_route_filters(route: &HttpRoute, services: &HashSet<&str>, fail:
                 ("requestRedirect", filter.request_redirect.is_some()),
                 ("requestMirror", filter.request_mirror.is_some()),
                 ("faultInjection", filter.fault_injection.is_some()),
+                ("rateLimit", filter.rate_limit.is_some()),
             ]
             .into_iter()
             .filter_map(|(name, set)| set.then_some(name))
@@ -212,8 +218,11 @@ pub fn validate_route_filters(route: &HttpRoute, services: &HashSet<&str>, fail:
                 );
                 continue;
             }
-            // Gateway API: each filter type at most once per rule, except RequestMirror.
-            if filter.kind != crate::FilterType::RequestMirror && !seen.insert(filter.kind) {
+            // Gateway API: each filter type at most once per rule, except RequestMirror (and
+            // our RateLimit: a rule may limit per route and per source at once).
+            if !matches!(filter.kind, crate::FilterType::RequestMirror | crate::FilterType::RateLimit)
+                && !seen.insert(filter.kind)
+            {
                 fail(
                     &format!("{at}.type"),
                     format!("filter {:?} given twice in one rule", filter.kind),
@@ -282,6 +291,9 @@ pub fn validate_route_filters(route: &HttpRoute, services: &HashSet<&str>, fail:
                     );
                 }
                 percent(&format!("{at}.percent"), m.percent, fail);
+            }
+            if let Some(r) = &filter.rate_limit {
+                crate::ratelimit::validate_rate_limit(&at, r, fail);
             }
             if let Some(fi) = &filter.fault_injection {
                 if fi.delay.is_none() && fi.abort.is_none() {

@@ -1,5 +1,5 @@
 //! `BackendPolicy`: per-Service resilience settings applied by every proxy that sends to the
-//! Service (circuit breaking, outlier detection, the retry budget).
+//! Service (circuit breaking, outlier detection, the retry budget, active health checks).
 
 use crate::duration;
 use serde::{Deserialize, Serialize};
@@ -19,6 +19,8 @@ pub struct BackendPolicySpec {
     pub outlier_detection: Option<OutlierDetection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<RetryBudget>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
 }
 
 /// Envoy-style thresholds, counted per proxy across its workers. Unset: no limit.
@@ -95,6 +97,62 @@ impl RetryBudget {
     pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 }
 
+/// Active health checks: each proxy probes every endpoint of the Service every `interval`;
+/// `unhealthyThreshold` failures in a row take it out of balancing, `healthyThreshold`
+/// passes in a row bring it back. Exactly one of `http`, `grpc`, `tcp`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HealthCheck {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpHealthCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcHealthCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpHealthCheck>,
+    /// Default 5s.
+    #[serde(default, with = "duration::option", skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+    /// Each check's limit. Default 1s.
+    #[serde(default, with = "duration::option", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// Default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_threshold: Option<u32>,
+    /// Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_threshold: Option<u32>,
+}
+
+impl HealthCheck {
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+    pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 2;
+    pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 1;
+}
+
+/// `GET path`; passes when the status is one of `expectedStatuses` (default `[200]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpHealthCheck {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expected_statuses: Vec<u16>,
+}
+
+/// `grpc.health.v1.Health/Check` for `service` (default "": the server as a whole); passes
+/// on SERVING.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcHealthCheck {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service: String,
+}
+
+/// Passes when a TCP connection can be made.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpHealthCheck {}
+
 /// Checks one BackendPolicy; `fail(field, reason)` records an error.
 pub fn validate_backend_policy(p: &BackendPolicy, services: &HashSet<&str>, fail: &mut dyn FnMut(&str, String)) {
     let spec = &p.spec;
@@ -144,6 +202,30 @@ pub fn validate_backend_policy(p: &BackendPolicy, services: &HashSet<&str>, fail
             );
         }
     }
+    if let Some(h) = &spec.health_check {
+        let kinds = [h.http.is_some(), h.grpc.is_some(), h.tcp.is_some()];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            fail("spec.healthCheck", "give exactly one of http, grpc, tcp".into());
+        }
+        if let Some(x) = &h.http {
+            if !x.path.starts_with('/') || x.path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                fail("spec.healthCheck.http.path", format!("path {:?} must start with / and have no spaces", x.path));
+            }
+            for s in x.expected_statuses.iter().filter(|s| !(100..=599).contains(*s)) {
+                fail("spec.healthCheck.http.expectedStatuses", format!("status {s} out of range 100-599"));
+            }
+        }
+        for (name, v) in [("interval", h.interval), ("timeout", h.timeout)] {
+            if v.is_some_and(|d| d < Duration::from_millis(10)) {
+                fail(&format!("spec.healthCheck.{name}"), "must be at least 10ms".into());
+            }
+        }
+        for (name, v) in [("unhealthyThreshold", h.unhealthy_threshold), ("healthyThreshold", h.healthy_threshold)] {
+            if v == Some(0) {
+                fail(&format!("spec.healthCheck.{name}"), "must be at least 1".into());
+            }
+        }
+    }
     if let Some(b) = &spec.retry_budget {
         if let Some(r) = b.ratio.filter(|r| !(0.0..=1000.0).contains(r)) {
             fail("spec.retryBudget.ratio", format!("ratio {r} out of range 0-1000"));
@@ -159,6 +241,7 @@ pub fn validate_backend_policy(p: &BackendPolicy, services: &HashSet<&str>, fail
 #[cfg(test)]
 mod tests {
     use crate::{load, Resource};
+    use std::time::Duration;
 
     const SERVICE: &str = "apiVersion: smesh.io/v1\nkind: Service\nmetadata: {name: api}\nspec:\n  endpoints: [{address: 127.0.0.1:9001}]\n";
 
@@ -171,13 +254,16 @@ mod tests {
     #[test]
     fn parses_and_round_trips() {
         let items = load_policy(
-            "  targetRef: {name: api}\n  circuitBreaker: {maxConnections: 5, maxPendingRequests: 2, maxRequests: 10, maxRetries: 3}\n  outlierDetection: {consecutive5xx: 3, consecutiveGatewayErrors: 2, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 50}\n  retryBudget: {ratio: 0.2, minRetriesPerSecond: 10, ttl: 10s}\n",
+            "  targetRef: {name: api}\n  circuitBreaker: {maxConnections: 5, maxPendingRequests: 2, maxRequests: 10, maxRetries: 3}\n  outlierDetection: {consecutive5xx: 3, consecutiveGatewayErrors: 2, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 50}\n  retryBudget: {ratio: 0.2, minRetriesPerSecond: 10, ttl: 10s}\n  healthCheck: {http: {path: /healthz, expectedStatuses: [200, 204]}, interval: 1s, timeout: 500ms, unhealthyThreshold: 2, healthyThreshold: 1}\n",
         )
         .expect("valid");
         let Resource::BackendPolicy(p) = &items[1].resource else {
             panic!("not a BackendPolicy")
         };
         assert_eq!(p.spec.circuit_breaker.as_ref().unwrap().max_requests, Some(10));
+        let h = p.spec.health_check.as_ref().unwrap();
+        assert_eq!(h.http.as_ref().unwrap().expected_statuses, [200, 204]);
+        assert_eq!(h.timeout, Some(Duration::from_millis(500)));
         let yaml = crate::to_yaml([&items[1].resource]);
         let again = crate::parse("again.yaml", &yaml).expect("round trip");
         assert_eq!(again[0].resource, items[1].resource);
@@ -196,6 +282,18 @@ mod tests {
         ] {
             assert!(e.contains(want), "{want} missing in {e}");
         }
+        let e = load_policy("  targetRef: {name: api}\n  healthCheck: {http: {path: x, expectedStatuses: [700]}, tcp: {}, interval: 1ms, healthyThreshold: 0}\n").unwrap_err();
+        for want in [
+            "spec.healthCheck: give exactly one of http, grpc, tcp",
+            "spec.healthCheck.http.path",
+            "spec.healthCheck.http.expectedStatuses: status 700",
+            "spec.healthCheck.interval: must be at least 10ms",
+            "spec.healthCheck.healthyThreshold",
+        ] {
+            assert!(e.contains(want), "{want} missing in {e}");
+        }
+        assert!(load_policy("  targetRef: {name: api}\n  healthCheck: {grpc: {}}\n").is_ok());
+        assert!(load_policy("  targetRef: {name: api}\n  healthCheck: {tcp: {}}\n").is_ok());
         let e = load_policy("  targetRef: {name: api}\n  circuitBreaker: {maxRequest: 3}\n").unwrap_err();
         assert!(e.contains("unknown field `maxRequest`"), "{e}");
     }

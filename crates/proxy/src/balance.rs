@@ -35,6 +35,8 @@ pub struct EndpointStats {
     failing_until_ns: AtomicU64,
     /// Outlier detection's view of this address (used only with a BackendPolicy).
     pub outlier: crate::outlier::EndpointHealth,
+    /// Active health checks' verdict (written by the checker task, read here).
+    pub active: crate::health::ActiveHealth,
 }
 
 impl Default for EndpointStats {
@@ -45,6 +47,7 @@ impl Default for EndpointStats {
             updated_ns: AtomicU64::new(now_ns()),
             failing_until_ns: AtomicU64::new(0),
             outlier: Default::default(),
+            active: Default::default(),
         }
     }
 }
@@ -167,10 +170,12 @@ impl Balancer {
     }
 
     /// Picks an endpoint, skipping `exclude` (already tried by this request) and endpoints that
-    /// recently failed, unless nothing else is left.
+    /// recently failed or fail their active health checks, unless nothing else is left.
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<&Arc<Endpoint>> {
         let now = now_ns();
-        let usable = |e: &Endpoint| !exclude.contains(&e.addr) && !e.stats.is_failing(now);
+        let usable = |e: &Endpoint| {
+            !exclude.contains(&e.addr) && !e.stats.is_failing(now) && !e.stats.active.is_unhealthy()
+        };
         if let Some(e) = self.pick_where(now, usable) {
             return Some(e);
         }

@@ -115,16 +115,15 @@ impl ControlClient {
                 error,
             }
         };
-        if snapshot.resources_yaml.len() > self.max_config_bytes {
-            self.metrics.config_reloads.with_label_values(&["rejected"]).inc();
-            return nack(format!(
-                "snapshot of {} bytes is over this proxy's --max-config-bytes {}",
-                snapshot.resources_yaml.len(),
-                self.max_config_bytes
-            ));
-        }
+        let yaml = match unpack(&snapshot, self.max_config_bytes) {
+            Ok(yaml) => yaml,
+            Err(error) => {
+                self.metrics.config_reloads.with_label_values(&["rejected"]).inc();
+                return nack(error);
+            }
+        };
         let source = format!("control-plane snapshot {version}");
-        let Ok(text) = std::str::from_utf8(&snapshot.resources_yaml) else {
+        let Ok(text) = std::str::from_utf8(&yaml) else {
             self.metrics.config_reloads.with_label_values(&["rejected"]).inc();
             return nack("snapshot is not UTF-8".into());
         };
@@ -150,4 +149,26 @@ impl ControlClient {
             }
         }
     }
+}
+
+/// The snapshot's YAML, decompressed if it came gzip-compressed; never more than `limit`
+/// bytes (a snapshot over this proxy's limit, or a decompression bomb, is refused).
+fn unpack(snapshot: &ConfigSnapshot, limit: usize) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let too_big = |size: String| format!("snapshot of {size} bytes is over this proxy's --max-config-bytes {limit}");
+    if snapshot.resources_yaml_gzip.is_empty() {
+        if snapshot.resources_yaml.len() > limit {
+            return Err(too_big(snapshot.resources_yaml.len().to_string()));
+        }
+        return Ok(snapshot.resources_yaml.to_vec());
+    }
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(snapshot.resources_yaml_gzip.as_ref())
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("snapshot does not decompress: {e}"))?;
+    if out.len() > limit {
+        return Err(too_big(format!("more than {limit}")));
+    }
+    Ok(out)
 }

@@ -20,6 +20,8 @@ pub enum ProxyError {
     Forbidden,
     /// A BackendPolicy circuit breaker limit was reached.
     CircuitOpen,
+    /// A RateLimit filter's bucket was empty (429 with `retry-after`).
+    RateLimited,
 }
 
 impl ProxyError {
@@ -32,6 +34,7 @@ impl ProxyError {
             ProxyError::BadRequest => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -48,6 +51,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge => "request body too large",
             ProxyError::Forbidden => "forbidden",
             ProxyError::CircuitOpen => "circuit open",
+            ProxyError::RateLimited => "rate limited",
         }
     }
 
@@ -55,7 +59,7 @@ impl ProxyError {
         match self {
             ProxyError::Timeout => "4",      // DEADLINE_EXCEEDED
             ProxyError::BadRequest => "13",  // INTERNAL
-            ProxyError::BodyTooLarge => "8", // RESOURCE_EXHAUSTED
+            ProxyError::BodyTooLarge | ProxyError::RateLimited => "8", // RESOURCE_EXHAUSTED
             ProxyError::Forbidden => "7",    // PERMISSION_DENIED
             _ => "14",                       // UNAVAILABLE
         }

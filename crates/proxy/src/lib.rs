@@ -14,11 +14,13 @@ pub mod body;
 pub mod budget;
 pub mod circuit;
 pub mod control;
+pub mod deadline;
 pub mod detect;
 pub mod errors;
 pub mod fault;
 pub mod filters;
 pub mod headers;
+pub mod health;
 pub mod http;
 pub mod identity;
 pub mod metrics;
@@ -26,6 +28,7 @@ pub mod mirror;
 pub mod outlier;
 pub mod policy;
 pub mod pool;
+pub mod ratelimit;
 pub mod reload;
 pub mod route;
 pub mod server;
@@ -232,6 +235,14 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
             configured: configured.clone(),
         });
         let admin_task = tokio::spawn(admin.serve(admin_socket, stop_rx.clone()));
+        // Active health checks: one task per checked endpoint, on this runtime.
+        let health = health::HealthChecks {
+            config: config.clone(),
+            metrics: metrics.clone(),
+            tls: tls.clone(),
+            connect_timeout: options.limits.connect_timeout,
+        };
+        let health_task = tokio::spawn(health.run(stop_rx.clone()));
         let config_task = match &options.config {
             Some(path) => {
                 let watcher = reload::ConfigFile {
@@ -279,6 +290,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         ready.store(false, Ordering::Release);
         let _ = stop_tx.send(true);
         let _ = config_task.await;
+        let _ = health_task.await;
         // The admin port stays up while workers drain, then closes with them.
         let joined = tokio::task::spawn_blocking(move || {
             for t in threads {

@@ -7,7 +7,7 @@ use crate::budget::RetryBudget;
 use crate::circuit::{CircuitBreaker, Overflow, Overflows, Permit, RetryPermit};
 use crate::outlier::OutlierDetector;
 use crate::pool::SendError;
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 use std::sync::Arc;
 
 /// Families for the resilience layers, registered with the proxy's other metrics.
@@ -16,6 +16,9 @@ pub struct ResilienceMetrics {
     pub outlier_ejections: IntCounterVec,
     pub mirrors: IntCounterVec,
     pub faults: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub health_checks: IntCounterVec,
+    pub unhealthy_endpoints: IntGaugeVec,
 }
 
 impl ResilienceMetrics {
@@ -25,7 +28,28 @@ impl ResilienceMetrics {
             r.register(Box::new(c.clone())).expect("metric registered once");
             c
         };
+        let unhealthy_endpoints = IntGaugeVec::new(
+            Opts::new(
+                "smesh_health_unhealthy_endpoints",
+                "Endpoints currently failing their active health checks.",
+            ),
+            &["service"],
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(unhealthy_endpoints.clone()))
+            .expect("metric registered once");
         ResilienceMetrics {
+            unhealthy_endpoints,
+            rate_limited: counter(
+                "smesh_rate_limited_total",
+                "Requests refused by a RateLimit filter.",
+                &["service", "route"],
+            ),
+            health_checks: counter(
+                "smesh_health_checks_total",
+                "Active health checks by result (success, failure).",
+                &["service", "result"],
+            ),
             circuit_overflows: counter(
                 "smesh_circuit_breaker_overflows_total",
                 "Requests or retries refused by a circuit breaker, by the limit that was reached.",

@@ -53,6 +53,8 @@ pub struct Rule {
     pub metrics: Arc<RouteMetrics>,
     /// HTTPRoute filters; `None` when the rule has none.
     pub filters: Option<Box<crate::filters::Filters>>,
+    /// RateLimit filters; `None` when the rule has none.
+    pub rate_limits: Option<Box<crate::ratelimit::RateLimits>>,
 }
 
 impl Rule {
@@ -77,6 +79,7 @@ impl Rule {
             retry,
             metrics,
             filters: None,
+            rate_limits: None,
         }
     }
 
