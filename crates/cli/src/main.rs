@@ -12,10 +12,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-// The request path allocates a few small objects per request; mimalloc's thread-local
-// free lists make those cheaper than glibc malloc (measured with bench/).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(

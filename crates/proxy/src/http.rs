@@ -147,6 +147,14 @@ impl HttpProxy {
         rule: &Rule,
         start: Instant,
     ) -> Result<Response<Body>, Failure> {
+        let grpc = is_grpc(&req);
+        if let Some(rate_limits) = &rule.rate_limits {
+            let peer = self.peer.as_deref();
+            if let Some(resp) = rate_limits.check(req.headers(), self.client.ip(), peer, grpc) {
+                self.shared.metrics.proxy_error(self.direction, ProxyError::RateLimited.reason());
+                return Ok(resp);
+            }
+        }
         let limits = &self.shared.limits;
         let deadline = [rule.request_timeout, grpc_timeout(req.headers())]
             .into_iter()
@@ -276,6 +284,10 @@ impl HttpProxy {
                     app_version
                 };
                 let mut upstream_req = build_request(parts, version, body);
+                // The upstream gets what is left of the deadline (gRPC: `grpc-timeout`).
+                if let Some(d) = deadline.filter(|_| grpc) {
+                    crate::deadline::propagate(upstream_req.headers_mut(), start + d);
+                }
                 if mesh.is_some() && app_version != Version::HTTP_2 && !upgrade {
                     upstream_req
                         .headers_mut()

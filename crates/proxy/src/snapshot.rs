@@ -24,6 +24,9 @@ pub struct Snapshot {
     by_host: FxHashMap<String, usize>,
     /// BackendPolicies by target Service (state carried over by the next build).
     policies: FxHashMap<String, Arc<ServicePolicy>>,
+    /// RateLimit filters' buckets by "service/route/rule/filter" (kept by the next build
+    /// when the filter is unchanged).
+    limiters: FxHashMap<String, Arc<crate::ratelimit::RateLimiter>>,
 }
 
 /// Everything needed to route a request addressed to one Service.
@@ -60,7 +63,27 @@ impl Snapshot {
             by_name: FxHashMap::default(),
             by_host: FxHashMap::default(),
             policies: FxHashMap::default(),
+            limiters: FxHashMap::default(),
         }
+    }
+
+    /// Every endpoint of every Service whose BackendPolicy has a `healthCheck`.
+    pub fn health_targets(&self) -> Vec<crate::health::Target> {
+        let mut out = Vec::new();
+        for (name, policy) in &self.policies {
+            let (Some(spec), Some(table)) = (&policy.spec.health_check, self.service(name)) else {
+                continue;
+            };
+            for e in table.balancer.endpoints() {
+                out.push(crate::health::Target {
+                    service: table.name.clone(),
+                    endpoint: e.clone(),
+                    spec: spec.clone(),
+                    protocol: table.protocol(None),
+                });
+            }
+        }
+        out
     }
 
     pub fn service(&self, name: &str) -> Option<&ServiceTable> {
@@ -159,6 +182,7 @@ impl Snapshot {
                 }
             }
         }
+        let mut limiters: FxHashMap<String, Arc<crate::ratelimit::RateLimiter>> = FxHashMap::default();
         let mut tables = Vec::new();
         let mut by_name = FxHashMap::default();
         let mut by_host = FxHashMap::default();
@@ -172,7 +196,7 @@ impl Snapshot {
                 .filter(|r| r.spec.parent_refs.iter().any(|p| p.name == *name))
             {
                 let route_metrics = Arc::new(metrics.route(direction, &name, &route.metadata.name));
-                for rule in &route.spec.rules {
+                for (rule_index, rule) in route.spec.rules.iter().enumerate() {
                     let backends = if rule.backend_refs.is_empty() {
                         vec![WeightedBackend {
                             weight: 1,
@@ -210,6 +234,26 @@ impl Snapshot {
                             protocol: &protocol_of,
                         },
                     );
+                    let mut rate_limits = Vec::new();
+                    for (i, f) in rule.filters.iter().enumerate() {
+                        let Some(spec) = &f.rate_limit else { continue };
+                        let key = format!("{name}/{}/{rule_index}/{i}", route.metadata.name);
+                        let limiter = match previous.limiters.get(&key).filter(|l| l.spec == *spec) {
+                            Some(l) => l.clone(),
+                            None => Arc::new(crate::ratelimit::RateLimiter::new(spec)),
+                        };
+                        limiters.insert(key, limiter.clone());
+                        rate_limits.push(limiter);
+                    }
+                    if !rate_limits.is_empty() {
+                        compiled.rate_limits = Some(Box::new(crate::ratelimit::RateLimits {
+                            limiters: rate_limits,
+                            limited: metrics
+                                .resilience
+                                .rate_limited
+                                .with_label_values(&[&*name, route.metadata.name.as_str()]),
+                        }));
+                    }
                     let compiled = Arc::new(compiled);
                     if rule.matches.is_empty() {
                         matches.push((RouteMatch::everything(), compiled));
@@ -276,6 +320,7 @@ impl Snapshot {
             by_name,
             by_host,
             policies,
+            limiters,
         }
     }
 }
