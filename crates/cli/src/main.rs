@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-
 #[derive(Parser)]
 #[command(
     name = "smesh",

@@ -220,8 +220,10 @@ pub fn validate_route_filters(route: &HttpRoute, services: &HashSet<&str>, fail:
             }
             // Gateway API: each filter type at most once per rule, except RequestMirror (and
             // our RateLimit: a rule may limit per route and per source at once).
-            if !matches!(filter.kind, crate::FilterType::RequestMirror | crate::FilterType::RateLimit)
-                && !seen.insert(filter.kind)
+            if !matches!(
+                filter.kind,
+                crate::FilterType::RequestMirror | crate::FilterType::RateLimit
+            ) && !seen.insert(filter.kind)
             {
                 fail(
                     &format!("{at}.type"),

@@ -20,7 +20,7 @@ pub struct BackendPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<RetryBudget>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_check: Option<HealthCheck>,
+    pub health_check: Option<Box<HealthCheck>>,
 }
 
 /// Envoy-style thresholds, counted per proxy across its workers. Unset: no limit.
@@ -209,10 +209,16 @@ pub fn validate_backend_policy(p: &BackendPolicy, services: &HashSet<&str>, fail
         }
         if let Some(x) = &h.http {
             if !x.path.starts_with('/') || x.path.bytes().any(|b| b <= b' ' || b == 0x7f) {
-                fail("spec.healthCheck.http.path", format!("path {:?} must start with / and have no spaces", x.path));
+                fail(
+                    "spec.healthCheck.http.path",
+                    format!("path {:?} must start with / and have no spaces", x.path),
+                );
             }
             for s in x.expected_statuses.iter().filter(|s| !(100..=599).contains(*s)) {
-                fail("spec.healthCheck.http.expectedStatuses", format!("status {s} out of range 100-599"));
+                fail(
+                    "spec.healthCheck.http.expectedStatuses",
+                    format!("status {s} out of range 100-599"),
+                );
             }
         }
         for (name, v) in [("interval", h.interval), ("timeout", h.timeout)] {
@@ -220,7 +226,10 @@ pub fn validate_backend_policy(p: &BackendPolicy, services: &HashSet<&str>, fail
                 fail(&format!("spec.healthCheck.{name}"), "must be at least 10ms".into());
             }
         }
-        for (name, v) in [("unhealthyThreshold", h.unhealthy_threshold), ("healthyThreshold", h.healthy_threshold)] {
+        for (name, v) in [
+            ("unhealthyThreshold", h.unhealthy_threshold),
+            ("healthyThreshold", h.healthy_threshold),
+        ] {
             if v == Some(0) {
                 fail(&format!("spec.healthCheck.{name}"), "must be at least 1".into());
             }

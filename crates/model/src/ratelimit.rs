@@ -75,7 +75,11 @@ pub(crate) fn validate_rate_limit(at: &str, r: &RateLimit, fail: &mut dyn FnMut(
         fail(&format!("{at}.maxKeys"), "must be at least 1".into());
     }
     if let RateLimitKey::Header { header } = &r.key {
-        if header.is_empty() || !header.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b)) {
+        if header.is_empty()
+            || !header
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b))
+        {
             fail(&format!("{at}.key.header"), format!("invalid header name {header:?}"));
         }
     }
@@ -98,7 +102,9 @@ mod tests {
             "    - {type: RateLimit, rateLimit: {requestsPerSecond: 100, burst: 20}}\n    - {type: RateLimit, rateLimit: {requestsPerSecond: 5, key: source}}\n    - {type: RateLimit, rateLimit: {requestsPerSecond: 0.5, key: {header: x-tenant}, maxKeys: 10}}\n",
         )
         .expect("valid");
-        let Resource::HttpRoute(r) = &items[1].resource else { panic!() };
+        let Resource::HttpRoute(r) = &items[1].resource else {
+            panic!()
+        };
         let f = &r.spec.rules[0].filters;
         let keys: Vec<_> = f.iter().map(|f| f.rate_limit.as_ref().unwrap().key.clone()).collect();
         assert_eq!(
@@ -106,7 +112,9 @@ mod tests {
             [
                 super::RateLimitKey::Named(super::NamedKey::Route),
                 super::RateLimitKey::Named(super::NamedKey::Source),
-                super::RateLimitKey::Header { header: "x-tenant".into() }
+                super::RateLimitKey::Header {
+                    header: "x-tenant".into()
+                }
             ]
         );
         assert_eq!(f[0].rate_limit.as_ref().unwrap().burst_or_default(), 20);

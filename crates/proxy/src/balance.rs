@@ -173,9 +173,8 @@ impl Balancer {
     /// recently failed or fail their active health checks, unless nothing else is left.
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<&Arc<Endpoint>> {
         let now = now_ns();
-        let usable = |e: &Endpoint| {
-            !exclude.contains(&e.addr) && !e.stats.is_failing(now) && !e.stats.active.is_unhealthy()
-        };
+        let usable =
+            |e: &Endpoint| !exclude.contains(&e.addr) && !e.stats.is_failing(now) && !e.stats.active.is_unhealthy();
         if let Some(e) = self.pick_where(now, usable) {
             return Some(e);
         }

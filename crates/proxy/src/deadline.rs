@@ -49,7 +49,11 @@ mod tests {
         assert_eq!(v(Duration::from_secs(3600)), "3600000m");
         assert_eq!(v(Duration::ZERO), "1n");
         assert_eq!(v(Duration::from_secs(1_000_000_000)), "16666667M");
-        for d in [Duration::from_millis(1234), Duration::from_micros(17), Duration::from_secs(86_400)] {
+        for d in [
+            Duration::from_millis(1234),
+            Duration::from_micros(17),
+            Duration::from_secs(86_400),
+        ] {
             let mut h = HeaderMap::new();
             h.insert("grpc-timeout", encode_grpc_timeout(d));
             let back = grpc_timeout(&h).unwrap();
@@ -62,6 +66,9 @@ mod tests {
         let mut h = HeaderMap::new();
         propagate(&mut h, Instant::now() + Duration::from_millis(800));
         let sent = grpc_timeout(&h).unwrap();
-        assert!(sent <= Duration::from_millis(800) && sent > Duration::from_millis(700), "{sent:?}");
+        assert!(
+            sent <= Duration::from_millis(800) && sent > Duration::from_millis(700),
+            "{sent:?}"
+        );
     }
 }

@@ -57,11 +57,11 @@ impl ProxyError {
 
     fn grpc_status(self) -> &'static str {
         match self {
-            ProxyError::Timeout => "4",      // DEADLINE_EXCEEDED
-            ProxyError::BadRequest => "13",  // INTERNAL
+            ProxyError::Timeout => "4",                                // DEADLINE_EXCEEDED
+            ProxyError::BadRequest => "13",                            // INTERNAL
             ProxyError::BodyTooLarge | ProxyError::RateLimited => "8", // RESOURCE_EXHAUSTED
-            ProxyError::Forbidden => "7",    // PERMISSION_DENIED
-            _ => "14",                       // UNAVAILABLE
+            ProxyError::Forbidden => "7",                              // PERMISSION_DENIED
+            _ => "14",                                                 // UNAVAILABLE
         }
     }
 

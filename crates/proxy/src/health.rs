@@ -161,7 +161,9 @@ impl Checker {
         let s = &self.target.spec;
         let interval = s.interval.unwrap_or(HealthCheck::DEFAULT_INTERVAL);
         let timeout = s.timeout.unwrap_or(HealthCheck::DEFAULT_TIMEOUT);
-        let unhealthy_after = s.unhealthy_threshold.unwrap_or(HealthCheck::DEFAULT_UNHEALTHY_THRESHOLD);
+        let unhealthy_after = s
+            .unhealthy_threshold
+            .unwrap_or(HealthCheck::DEFAULT_UNHEALTHY_THRESHOLD);
         let healthy_after = s.healthy_threshold.unwrap_or(HealthCheck::DEFAULT_HEALTHY_THRESHOLD);
         // Spread the checks of many endpoints over the first interval.
         let jitter = interval.mul_f64(rand::random_range(0.0..0.1));
@@ -248,7 +250,9 @@ impl Checker {
         let resp = self.send(req, version).await?;
         let status = resp.status().as_u16();
         // Read the body so the connection can be used again.
-        let _ = http_body_util::Limited::new(resp.into_body(), 64 * 1024).collect().await;
+        let _ = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+            .collect()
+            .await;
         let expected: &[u16] = if x.expected_statuses.is_empty() {
             &[200]
         } else {
@@ -292,7 +296,16 @@ impl Checker {
                 .insert("smesh-orig-proto", HeaderValue::from_static("HTTP/1.1"));
         }
         let req = crate::http::build_request(parts, version, body);
-        match crate::pool::send(self.target.endpoint.addr, version, req, self.connect_timeout, false, mesh).await {
+        match crate::pool::send(
+            self.target.endpoint.addr,
+            version,
+            req,
+            self.connect_timeout,
+            false,
+            mesh,
+        )
+        .await
+        {
             Ok(resp) => Ok(resp),
             Err(crate::pool::SendError::Connect(e, _)) => Err(format!("connect: {e}")),
             Err(crate::pool::SendError::Upstream(e)) => Err(format!("exchange: {e}")),

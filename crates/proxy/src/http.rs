@@ -151,7 +151,9 @@ impl HttpProxy {
         if let Some(rate_limits) = &rule.rate_limits {
             let peer = self.peer.as_deref();
             if let Some(resp) = rate_limits.check(req.headers(), self.client.ip(), peer, grpc) {
-                self.shared.metrics.proxy_error(self.direction, ProxyError::RateLimited.reason());
+                self.shared
+                    .metrics
+                    .proxy_error(self.direction, ProxyError::RateLimited.reason());
                 return Ok(resp);
             }
         }

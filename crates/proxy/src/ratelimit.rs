@@ -48,10 +48,13 @@ enum Key {
     Header(HeaderName),
 }
 
+/// Key -> theoretical arrival time.
+type Shard = Mutex<HashMap<Box<[u8]>, u64>>;
+
 enum Buckets {
     One(AtomicU64),
     Keyed {
-        shards: Box<[Mutex<HashMap<Box<[u8]>, u64>>; SHARDS]>,
+        shards: Box<[Shard; SHARDS]>,
         per_shard: usize,
         hasher: RandomState,
     },
@@ -230,8 +233,15 @@ mod tests {
         let h = HeaderMap::new();
         let t0 = 5 * S;
         // a full bucket: the burst at once, then one token per 10 ms
-        assert_eq!((0..30).filter(|_| l.acquire_at(&h, ip(1), None, t0).is_ok()).count(), 20);
-        assert_eq!(l.acquire_at(&h, ip(1), None, t0), Err(1), "retry-after rounds up to 1 s");
+        assert_eq!(
+            (0..30).filter(|_| l.acquire_at(&h, ip(1), None, t0).is_ok()).count(),
+            20
+        );
+        assert_eq!(
+            l.acquire_at(&h, ip(1), None, t0),
+            Err(1),
+            "retry-after rounds up to 1 s"
+        );
         assert!(l.acquire_at(&h, ip(1), None, t0 + 10 * MS).is_ok());
         assert!(l.acquire_at(&h, ip(1), None, t0 + 10 * MS).is_err());
         // offered 200/s for 10 s: burst + 100/s pass
@@ -244,7 +254,10 @@ mod tests {
         assert!((999..=1001).contains(&ok), "{ok}");
         // a long pause refills only up to the burst
         let later = t0 + 100 * S;
-        assert_eq!((0..50).filter(|_| l.acquire_at(&h, ip(1), None, later).is_ok()).count(), 20);
+        assert_eq!(
+            (0..50).filter(|_| l.acquire_at(&h, ip(1), None, later).is_ok()).count(),
+            20
+        );
         // slow rates: retry-after is the wait in whole seconds
         let slow = limiter(0.1, 1, RateLimitKey::default(), None);
         assert!(slow.acquire_at(&h, ip(1), None, t0).is_ok());
@@ -261,7 +274,14 @@ mod tests {
         }
         // a mesh identity is the source when there is one
         assert!(l.acquire_at(&h, ip(1), Some("spiffe://a"), t0).is_ok());
-        let by_header = limiter(1.0, 1, RateLimitKey::Header { header: "x-tenant".into() }, Some(32));
+        let by_header = limiter(
+            1.0,
+            1,
+            RateLimitKey::Header {
+                header: "x-tenant".into(),
+            },
+            Some(32),
+        );
         let mut a = HeaderMap::new();
         a.insert("x-tenant", "a".parse().unwrap());
         let mut b = HeaderMap::new();
@@ -269,7 +289,10 @@ mod tests {
         assert!(by_header.acquire_at(&a, ip(1), None, t0).is_ok());
         assert!(by_header.acquire_at(&a, ip(2), None, t0).is_err());
         assert!(by_header.acquire_at(&b, ip(1), None, t0).is_ok());
-        assert!(by_header.acquire_at(&h, ip(1), None, t0).is_ok(), "no header: one shared bucket");
+        assert!(
+            by_header.acquire_at(&h, ip(1), None, t0).is_ok(),
+            "no header: one shared bucket"
+        );
         assert!(by_header.acquire_at(&h, ip(2), None, t0).is_err());
         // many sources: the number of buckets stays bounded
         for i in 0..10_000u32 {

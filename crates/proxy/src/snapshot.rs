@@ -78,7 +78,7 @@ impl Snapshot {
                 out.push(crate::health::Target {
                     service: table.name.clone(),
                     endpoint: e.clone(),
-                    spec: spec.clone(),
+                    spec: (**spec).clone(),
                     protocol: table.protocol(None),
                 });
             }

@@ -1,0 +1,132 @@
+"""Issue 6, acceptance 8 (first half): local rate limits (the RateLimit HTTPRoute filter). A
+100 req/s limit holds within 10% over 10 s with ~200 req/s offered, per route and per source,
+with two workers sharing the buckets; excess gets 429 + retry-after (gRPC:
+RESOURCE_EXHAUSTED); smesh_rate_limited_total counts it."""
+import collections
+import http.client
+import threading
+import time
+
+import grpc
+import pytest
+
+from meshlib import LOOPBACK, http_route, metric_sum, service
+
+RATE, SECONDS = 100, 10.0
+
+
+def offered_load(port, rate, seconds, threads=4, source=None, host="api", path="/"):
+    """Offers `rate` req/s for `seconds` over `threads` keep-alive connections, paced on a
+    fixed schedule (bounded: at most rate x seconds requests). Returns (statuses Counter,
+    one 429 Response's headers, elapsed)."""
+    statuses = collections.Counter()
+    sample = {}
+    lock = threading.Lock()
+    start = time.monotonic() + 0.2
+    total = int(rate * seconds)
+
+    def worker(k):
+        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=10,
+                                          source_address=(source, 0) if source else None)
+        try:
+            for i in range(k, total, threads):
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                try:
+                    conn.request("GET", path, headers={"Host": host})
+                    r = conn.getresponse()
+                    r.read()
+                    status = r.status
+                    if status == 429 and not sample:
+                        sample.update({k.lower(): v for k, v in r.getheaders()})
+                except (OSError, http.client.HTTPException):
+                    status = 0
+                    conn.close()
+                    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=10,
+                                                      source_address=(source, 0) if source else None)
+                with lock:
+                    statuses[status] += 1
+        finally:
+            conn.close()
+
+    ts = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(seconds + 30)
+    return statuses, sample, time.monotonic() - start
+
+
+def limited_route(key=None, burst=10):
+    rl = {"requestsPerSecond": RATE, "burst": burst}
+    if key:
+        rl["key"] = key
+    return http_route("api-route", ["api"], [{"filters": [{"type": "RateLimit", "rateLimit": rl}]}])
+
+
+def check_rate(statuses, elapsed, label):
+    ok, limited = statuses[200], statuses[429]
+    rate = ok / elapsed
+    print(f"ratelimit {label}: offered {sum(statuses.values())} in {elapsed:.1f}s, "
+          f"passed {ok} ({rate:.1f}/s, limit {RATE}/s), 429: {limited}, other: "
+          f"{ {k: v for k, v in statuses.items() if k not in (200, 429)} }")
+    assert set(statuses) <= {200, 429}, statuses
+    assert abs(rate - RATE) <= 0.1 * RATE, f"{label}: {rate:.1f}/s"
+    return ok, limited
+
+
+@pytest.mark.timeout(90)
+def test_route_limit_holds_across_workers(run):
+    be = run.http_backend("b")
+    px = run.proxy([service("api", [be.address]), limited_route()], extra_args=["--workers", "2"])
+    statuses, sample, elapsed = offered_load(px.outbound, 2 * RATE, SECONDS, threads=4)
+    ok, limited = check_rate(statuses, elapsed, "per route")
+    assert limited >= 0.35 * sum(statuses.values())
+    assert sample.get("smesh-proxy-error") == "rate limited", sample
+    assert int(sample.get("retry-after", "0")) >= 1, sample
+    assert be.stats()["requests"] == ok
+    m = px.metrics()
+    assert metric_sum(m, "smesh_rate_limited_total", service="api", route="api-route") == limited
+    assert metric_sum(m, "smesh_responses_total", status_code="429") == limited
+
+
+@pytest.mark.timeout(90)
+def test_source_limit_is_per_client(run):
+    be = run.http_backend("b")
+    px = run.proxy([service("api", [be.address]), limited_route(key="source")],
+                   extra_args=["--workers", "2"])
+    results = {}
+
+    def client(src):
+        results[src] = offered_load(px.outbound, 2 * RATE, SECONDS, threads=3, source=src)
+    ts = [threading.Thread(target=client, args=(src,)) for src in ("127.0.0.1", "127.0.0.2")]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(SECONDS + 40)
+    for src, (statuses, _, elapsed) in results.items():
+        check_rate(statuses, elapsed, f"source {src}")
+    assert len(results) == 2
+
+
+@pytest.mark.timeout(60)
+def test_grpc_gets_resource_exhausted(run, grpc_server, grpc_stubs):
+    pb2, pb2_grpc = grpc_stubs
+    px = run.proxy([
+        service("echo", [grpc_server.address], protocol="grpc"),
+        http_route("echo-route", ["echo"], [{"filters": [{"type": "RateLimit", "rateLimit": {
+            "requestsPerSecond": 0.2, "burst": 1}}]}]),
+    ])
+    ch = grpc.insecure_channel(f"{LOOPBACK}:{px.outbound}",
+                               options=[("grpc.enable_http_proxy", 0), ("grpc.default_authority", "echo")])
+    try:
+        stub = pb2_grpc.EchoStub(ch)
+        assert stub.Unary(pb2.Msg(text="a"), timeout=10).text == "a"
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Unary(pb2.Msg(text="b"), timeout=10)
+    finally:
+        ch.close()
+    assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ei.value
+    assert grpc_server.state["calls"] == 1
+    assert metric_sum(px.metrics(), "smesh_rate_limited_total", service="echo") == 1
