@@ -249,8 +249,11 @@ impl Connection {
             client: self.peer,
             peer,
         };
-        let service = service_fn(move |req| proxy.clone().handle(req));
         let result = if h2 {
+            // Each HTTP/2 stream runs in a task of its own: boxing the request future makes
+            // the moves into that task pointer-sized (callgrind: 38.0k -> 34.5k instructions
+            // per h2c request). HTTP/1 serves requests in place and does better unboxed.
+            let service = service_fn(move |req| Box::pin(proxy.clone().handle(req)));
             let conn = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
@@ -266,6 +269,7 @@ impl Connection {
                 }
             }
         } else {
+            let service = service_fn(move |req| proxy.clone().handle(req));
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .max_buf_size(limits.max_header_bytes.max(8192))
