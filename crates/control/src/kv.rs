@@ -134,15 +134,7 @@ async fn write(
         ));
     }
     let full = keys::kv(&key);
-    let compares = q
-        .cas
-        .map(|equals| {
-            vec![Compare::ModRevision {
-                key: full.clone(),
-                equals,
-            }]
-        })
-        .unwrap_or_default();
+    let compares = cas(&q, &full);
     let outcome = state
         .store
         .txn(
@@ -154,10 +146,7 @@ async fn write(
             }],
         )
         .await?;
-    let mut resp = Json(outcome.succeeded).into_response();
-    resp.headers_mut()
-        .insert(INDEX_HEADER, HeaderValue::from(outcome.revision));
-    Ok(resp)
+    Ok(txn_reply(outcome))
 }
 
 async fn remove(
@@ -172,22 +161,30 @@ async fn remove(
     let (compares, op) = if q.recurse.is_some() {
         (Vec::new(), Op::DeletePrefix { prefix: full })
     } else {
-        let compares = q
-            .cas
-            .map(|equals| {
-                vec![Compare::ModRevision {
-                    key: full.clone(),
-                    equals,
-                }]
-            })
-            .unwrap_or_default();
-        (compares, Op::Delete { key: full })
+        (cas(&q, &full), Op::Delete { key: full })
     };
     let outcome = state.store.txn(compares, vec![op]).await?;
+    Ok(txn_reply(outcome))
+}
+
+/// The check-and-set condition of `?cas=N`, if given.
+fn cas(q: &KvQuery, full_key: &str) -> Vec<Compare> {
+    q.cas
+        .map(|equals| {
+            vec![Compare::ModRevision {
+                key: full_key.to_string(),
+                equals,
+            }]
+        })
+        .unwrap_or_default()
+}
+
+/// Consul's answer to a write: `true` or `false`, with the store index in a header.
+fn txn_reply(outcome: crate::store::TxnOutcome) -> Response {
     let mut resp = Json(outcome.succeeded).into_response();
     resp.headers_mut()
         .insert(INDEX_HEADER, HeaderValue::from(outcome.revision));
-    Ok(resp)
+    resp
 }
 
 /// Streams every change under a prefix, one JSON object per line, in order. Starts after
