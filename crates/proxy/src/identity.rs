@@ -18,6 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
+/// How long a starting proxy keeps asking for its first certificate before it goes on
+/// without one (its configuration waits for this).
+const FIRST_CERTIFICATE_PATIENCE: Duration = Duration::from_secs(30);
+
 /// ALPN names on mesh connections: what the inbound side should do with the stream.
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
@@ -123,7 +127,7 @@ enum Proof {
 impl IdentityAgent {
     /// Gets the first certificate (returns once it has one, or knows it cannot), then keeps
     /// renewing in the background until `stop`.
-    pub async fn start(self, stop: watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
+    pub async fn start(self, mut stop: watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
         let Some(token) = self.join_token.clone() else {
             tracing::warn!(service = %self.service, "no join token (--token-file): this proxy has no identity, so it speaks plaintext to the mesh and cannot serve mesh mTLS");
             return None;
@@ -137,8 +141,10 @@ impl IdentityAgent {
         };
         let mut proof = Proof::Token(token);
         let mut attempt = 0u32;
-        // The first certificate: retried while the control plane is unreachable; a refusal
-        // (bad, used or expired token) is final.
+        let give_up = tokio::time::Instant::now() + FIRST_CERTIFICATE_PATIENCE;
+        // The first certificate: retried while the control plane is unreachable (for a
+        // bounded time, so the proxy still gets its configuration); a refusal (bad, used or
+        // expired token) is final.
         loop {
             match self.certify(&key, &proof).await {
                 Ok(cert_pem) => {
@@ -153,10 +159,15 @@ impl IdentityAgent {
                 Err(Failure::Unavailable(why)) => {
                     attempt += 1;
                     tracing::warn!(reason = %why, attempt, "cannot get a certificate yet; retrying");
-                    if attempt >= 20 || *stop.borrow() {
+                    let wake = tokio::time::Instant::now() + backoff(attempt);
+                    if wake > give_up {
+                        tracing::error!(service = %self.service, "no certificate after {FIRST_CERTIFICATE_PATIENCE:?}; running without an identity");
                         return None;
                     }
-                    tokio::time::sleep(backoff(attempt)).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(wake) => {}
+                        _ = crate::server::stopped(&mut stop) => return None,
+                    }
                 }
             }
         }
