@@ -275,7 +275,11 @@ impl HttpProxy {
                     .as_ref()
                     .zip(endpoint.server_name.clone())
                     .map(|(tls, name)| pool::Mesh {
-                        client: tls.client_h2.clone(),
+                        client: if upgrade {
+                            tls.client_http1.clone()
+                        } else {
+                            tls.client_h2.clone()
+                        },
                         name,
                     });
                 // `version` is what the destination app speaks; the inbound proxy restores it.

@@ -190,18 +190,15 @@ fn pooled_response(
     resp.map(|body| Body::Upstream(body, back))
 }
 
-/// An HTTP/1.1 request over mesh mTLS on a connection of its own (an upgrade).
+/// An HTTP/1.1 request over mesh mTLS on a connection of its own (an upgrade); `mesh`
+/// carries the identity's HTTP/1.1 client configuration.
 async fn send_h1_tunnel(
     addr: SocketAddr,
     req: Request<Body>,
     connect_timeout: Duration,
     mesh: &Mesh,
 ) -> Result<Response<Body>, SendError> {
-    let http1_mesh = Mesh {
-        client: http1_client(&mesh.client),
-        name: mesh.name.clone(),
-    };
-    let io = match connect_maybe_tls(addr, connect_timeout, Some(&http1_mesh)).await {
+    let io = match connect_maybe_tls(addr, connect_timeout, Some(mesh)).await {
         Ok(io) => io,
         Err(e) => return Err(SendError::Connect(e, Box::new(req))),
     };
@@ -210,13 +207,6 @@ async fn send_h1_tunnel(
         Ok(resp) => Ok(resp.map(|b| Body::Upstream(b, PoolReturn::none()))),
         Err(e) => Err(SendError::Upstream(e)),
     }
-}
-
-/// The same client identity, offering HTTP/1.1 instead of HTTP/2.
-fn http1_client(h2: &Arc<ClientConfig>) -> Arc<ClientConfig> {
-    let mut c = (**h2).clone();
-    c.alpn_protocols = vec![crate::identity::ALPN_HTTP1.to_vec()];
-    Arc::new(c)
 }
 
 async fn send_h2(
