@@ -4,11 +4,17 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use smesh_proxy::control_tls::{ControlTrust, ControlUrl};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 pub struct Control {
-    /// `http://host:port` without a trailing slash.
+    /// `http(s)://host:port` without a trailing slash.
     pub base: String,
     pub token: Option<String>,
+    url: ControlUrl,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 pub struct Reply {
@@ -32,20 +38,32 @@ impl Reply {
 }
 
 impl Control {
-    fn authority(&self) -> Result<(String, String), String> {
-        let rest = self
-            .base
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("control URL {:?} must start with http://", self.base))?;
-        let host = rest.trim_end_matches('/').to_string();
-        Ok((host.clone(), host))
+    /// A client for the control plane at `base`; an `https://` one is checked against the
+    /// CA certificates in `ca`.
+    pub fn new(base: &str, token: Option<String>, ca: Option<&Path>) -> Result<Self, String> {
+        let url = ControlUrl::parse(base)?;
+        let tls = match ca.filter(|_| url.tls) {
+            Some(path) => Some(
+                ControlTrust::load(path)
+                    .and_then(|t| t.client_config(None, b"http/1.1"))
+                    .map_err(|e| format!("--control-ca: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(Control {
+            base: base.to_string(),
+            token,
+            url,
+            tls,
+        })
     }
 
     async fn connect(&self) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String> {
-        let (addr, _) = self.authority()?;
-        let stream = tokio::net::TcpStream::connect(&addr)
+        let stream = self
+            .url
+            .connect(self.tls.clone(), Duration::from_secs(5))
             .await
-            .map_err(|e| format!("cannot reach the control plane at {}: {e}", self.base))?;
+            .map_err(|e| format!("control plane at {}: {e}", self.base))?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("control plane at {}: {e}", self.base))?;
@@ -62,11 +80,10 @@ impl Control {
         content_type: &str,
         body: Bytes,
     ) -> Result<Request<Full<Bytes>>, String> {
-        let (_, host) = self.authority()?;
         let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header("host", host)
+            .header("host", &self.url.authority)
             .header("content-type", content_type);
         if let Some(token) = &self.token {
             req = req.header("authorization", format!("Bearer {token}"));

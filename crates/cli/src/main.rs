@@ -38,6 +38,10 @@ struct Remote {
     /// File holding the admin token.
     #[arg(long, global = true, env = "SMESH_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) to check an https:// control plane against (else
+    /// ./smesh-data/ca.pem if present).
+    #[arg(long, global = true, env = "SMESH_CONTROL_CA")]
+    control_ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -159,6 +163,21 @@ struct ControlArgs {
     /// CA root private key (PEM).
     #[arg(long, requires = "ca_cert")]
     ca_key: Option<PathBuf>,
+    /// Serve the API and the proxies over TLS with a certificate from the mesh CA, and
+    /// require proxies to authenticate with their mesh certificates. Clients check it with
+    /// the CA in DIR/ca.pem (`--control-ca`).
+    #[arg(long)]
+    tls: bool,
+    /// Extra names (DNS or IP) for the certificate made by --tls; localhost, 127.0.0.1,
+    /// ::1 and the --listen address are always in it.
+    #[arg(long, value_delimiter = ',')]
+    tls_san: Vec<String>,
+    /// Serve TLS with this certificate chain (PEM) instead (needs --tls-key; implies --tls).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -189,6 +208,10 @@ struct ProxyArgs {
     /// File holding a join token (`smesh token create`) for this proxy's first certificate.
     #[arg(long, env = "SMESH_JOIN_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) an https:// control plane's certificate is checked against
+    /// (the control plane's DIR/ca.pem).
+    #[arg(long, env = "SMESH_CONTROL_CA")]
+    control_ca: Option<PathBuf>,
     /// Where local applications send their outbound requests.
     #[arg(long, default_value = "127.0.0.1:4140")]
     outbound: SocketAddr,
@@ -288,6 +311,7 @@ fn main() -> ExitCode {
                 },
                 None => None,
             },
+            control_ca: args.control_ca,
             outbound: Some(args.outbound),
             inbound: args.app.map(|_| args.inbound),
             app: args.app,
@@ -315,6 +339,7 @@ fn main() -> ExitCode {
             lease_ttl: args.lease_ttl,
             trust_domain: args.trust_domain,
             ca: args.ca_cert.zip(args.ca_key),
+            tls: serving_certificate(args.tls, args.listen, args.tls_san, args.tls_cert.zip(args.tls_key)),
         }),
         Command::Apply { file, remote } => with_control(remote, |c| async move { commands::apply(&c, &file).await }),
         Command::Get {
@@ -379,11 +404,38 @@ where
             .ok()
             .map(|t| t.trim().to_string()),
     };
-    let control = client::Control {
-        base: url.trim_end_matches('/').to_string(),
-        token,
-    };
+    let ca = remote.control_ca.or_else(|| {
+        let default = PathBuf::from("smesh-data/ca.pem");
+        default.exists().then_some(default)
+    });
+    let control = client::Control::new(url.trim_end_matches('/'), token, ca.as_deref())?;
     commands::block_on(f(control))
+}
+
+/// The control plane's TLS certificate, if it serves TLS.
+fn serving_certificate(
+    tls: bool,
+    listen: SocketAddr,
+    extra: Vec<String>,
+    files: Option<(PathBuf, PathBuf)>,
+) -> Option<smesh_control::tls::ServingCertificate> {
+    use smesh_control::tls::ServingCertificate;
+    if let Some((cert, key)) = files {
+        return Some(ServingCertificate::Files { cert, key });
+    }
+    if !tls {
+        return None;
+    }
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    if !listen.ip().is_unspecified() {
+        names.push(listen.ip().to_string());
+    }
+    for name in extra {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    Some(ServingCertificate::Own { names })
 }
 
 fn validate(file: &std::path::Path) -> Result<(), String> {

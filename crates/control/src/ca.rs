@@ -135,6 +135,46 @@ impl Ca {
         Ok((cert.pem(), not_after))
     }
 
+    /// A serving certificate for the control plane itself, for `key`: the URI SAN
+    /// `spiffe://<trust-domain>/control` and each of `names` as a DNS or IP SAN (what
+    /// clients put in the control URL).
+    pub fn issue_control(
+        &self,
+        key: &KeyPair,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<(String, SystemTime), String> {
+        let now = SystemTime::now();
+        let not_after = now + ttl;
+        let mut params = CertificateParams::default();
+        let uri = format!("spiffe://{}/control", self.trust_domain);
+        params.subject_alt_names = vec![SanType::URI(uri.try_into().map_err(|e| format!("{e}"))?)];
+        for name in names {
+            let san = match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    name.clone()
+                        .try_into()
+                        .map_err(|e| format!("--tls-san {name:?}: {e}"))?,
+                ),
+            };
+            params.subject_alt_names.push(san);
+        }
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "smesh control plane");
+        params.distinguished_name = dn;
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = not_after.into();
+        params.is_ca = IsCa::NoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.serial_number = Some(SerialNumber::from(rand::random::<[u8; 16]>().to_vec()));
+        let cert = params
+            .signed_by(key, &self.issuer)
+            .map_err(|e| format!("signing: {e}"))?;
+        Ok((cert.pem(), not_after))
+    }
+
     /// Checks that `cert_pem` is a currently valid certificate from this CA for `service`
     /// whose key is the one in `csr_pem` (the CSR's signature proves the caller holds it).
     pub fn verify_renewal(&self, cert_pem: &str, csr_pem: &str, service: &str) -> Result<(), String> {

@@ -6,6 +6,7 @@ use crate::feed::Feed;
 use crate::keys;
 use crate::registry::{ProxyStatus, Registration};
 use crate::store::{Compare, LeaseId, Op, Store, StoreError};
+use crate::tls::PeerCertificate;
 use smesh_api::v1::discovery_server::Discovery;
 use smesh_api::v1::{proxy_message, ConfigSnapshot, Hello, ProxyMessage};
 use std::sync::Arc;
@@ -20,6 +21,37 @@ pub struct DiscoveryService {
     pub default_ttl: Duration,
     /// This replica's address, shown in `smesh get proxies`.
     pub replica: String,
+    /// With TLS: the trust domain whose proxy certificates a stream must present. The
+    /// certificate, not the Hello, then says which service's endpoint a proxy may register.
+    pub authenticate: Option<String>,
+}
+
+/// Checks the client certificate of a stream against what its Hello claims, and fills in
+/// the endpoint's identity from it. Returns when the certificate expires.
+fn authenticate(trust_domain: &str, peer: Option<&PeerCertificate>, hello: &mut Hello) -> Result<SystemTime, Status> {
+    let Some(peer) = peer else {
+        return Err(Status::unauthenticated(
+            "this control plane requires the proxy's mesh certificate: start the proxy with --token-file \
+             (a join token from `smesh token create`) and --service",
+        ));
+    };
+    let prefix = format!("spiffe://{trust_domain}/service/");
+    let Some(service) = peer.spiffe_id.strip_prefix(&prefix) else {
+        return Err(Status::permission_denied(format!(
+            "certificate {} is not a proxy identity of trust domain {trust_domain}",
+            peer.spiffe_id
+        )));
+    };
+    if let Some(endpoint) = hello.endpoint.as_mut().filter(|e| !e.service.is_empty()) {
+        if endpoint.service != service {
+            return Err(Status::permission_denied(format!(
+                "certificate {} cannot register an endpoint of service {:?}",
+                peer.spiffe_id, endpoint.service
+            )));
+        }
+        endpoint.identity = peer.spiffe_id.clone();
+    }
+    Ok(peer.not_after)
 }
 
 fn now_secs() -> u64 {
@@ -38,8 +70,9 @@ impl Discovery for DiscoveryService {
     type StreamStream = ReceiverStream<Result<ConfigSnapshot, Status>>;
 
     async fn stream(&self, request: Request<Streaming<ProxyMessage>>) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = request.extensions().get::<PeerCertificate>().cloned();
         let mut inbound = request.into_inner();
-        let hello = match inbound.message().await? {
+        let mut hello = match inbound.message().await? {
             Some(ProxyMessage {
                 kind: Some(proxy_message::Kind::Hello(hello)),
             }) => hello,
@@ -50,6 +83,12 @@ impl Discovery for DiscoveryService {
                 "Hello.proxy_id must be non-empty and contain no '/'",
             ));
         }
+        let expires = match &self.authenticate {
+            Some(trust_domain) => Some(authenticate(trust_domain, peer.as_ref(), &mut hello).inspect_err(|e| {
+                tracing::warn!(proxy = %hello.proxy_id, reason = %e.message(), "proxy stream refused");
+            })?),
+            None => None,
+        };
         let ttl = match hello.lease_ttl_ms {
             0 => self.default_ttl,
             ms => Duration::from_millis(ms).clamp(Duration::from_secs(1), Duration::from_secs(300)),
@@ -59,7 +98,7 @@ impl Discovery for DiscoveryService {
             .map_err(status_error)?;
         let (tx, rx) = mpsc::channel(4);
         let feed = self.feed.clone();
-        tokio::spawn(session.run(inbound, feed, tx));
+        tokio::spawn(session.run(inbound, feed, tx, expires));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -159,7 +198,17 @@ impl Session {
         mut inbound: Streaming<ProxyMessage>,
         mut feed: Feed,
         tx: mpsc::Sender<Result<ConfigSnapshot, Status>>,
+        expires: Option<SystemTime>,
     ) {
+        // A stream lives no longer than the certificate that opened it: the proxy comes
+        // back with its renewed one.
+        let expired = async {
+            match expires {
+                Some(at) => tokio::time::sleep(at.duration_since(SystemTime::now()).unwrap_or_default()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut expired = std::pin::pin!(expired);
         let mut keep_alive = tokio::time::interval(self.ttl / 3);
         keep_alive.tick().await;
         // A reconnecting proxy says what it already has, so that is not sent again.
@@ -181,6 +230,10 @@ impl Session {
             }
             tokio::select! {
                 changed = feed.changed() => if changed.is_err() { break },
+                _ = &mut expired => {
+                    let _ = tx.send(Err(Status::unauthenticated("the client certificate has expired; reconnect with the renewed one"))).await;
+                    break;
+                }
                 _ = keep_alive.tick() => {
                     if let Err(e) = self.store.keep_alive(self.lease).await {
                         tracing::warn!(proxy = %self.hello.proxy_id, error = %e, "lease lost; registering again");

@@ -13,8 +13,10 @@ pub mod feed;
 pub mod identity;
 pub mod keys;
 pub mod kv;
+pub mod listener;
 pub mod registry;
 pub mod store;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,6 +35,9 @@ pub struct ControlOptions {
     pub trust_domain: String,
     /// A CA root to use (certificate and key PEM files); else one is made on first start.
     pub ca: Option<(PathBuf, PathBuf)>,
+    /// Serve TLS (admin API and proxies) with this certificate; proxies must then
+    /// authenticate with their mesh certificate.
+    pub tls: Option<tls::ServingCertificate>,
 }
 
 /// Opens the store named by `spec`; also returns the data directory, if any. An etcd store keeps its
@@ -121,12 +126,6 @@ async fn serve(options: ControlOptions) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", options.listen))?;
     let feed = feed::start(store.clone());
-    let discovery = discovery::DiscoveryService {
-        store: store.clone(),
-        feed,
-        default_ttl: options.lease_ttl,
-        replica: options.listen.to_string(),
-    };
     let given_ca = match &options.ca {
         Some((cert, key)) => {
             let read =
@@ -137,6 +136,23 @@ async fn serve(options: ControlOptions) -> Result<(), String> {
     };
     let ca = Arc::new(ca::Ca::load_or_create(store.as_ref(), &options.trust_domain, given_ca).await?);
     let ca_root_not_after = ca.root_not_after();
+    if let Some(dir) = &data_dir {
+        write_trust_bundle(&dir.join("ca.pem"), &ca.root_pem)?;
+    }
+    let tls = match &options.tls {
+        Some(serving) => Some(tls::server_config(ca.clone(), serving)?),
+        None => {
+            tracing::warn!("the control plane serves plaintext: proxies are not authenticated (use --tls)");
+            None
+        }
+    };
+    let discovery = discovery::DiscoveryService {
+        store: store.clone(),
+        feed,
+        default_ttl: options.lease_ttl,
+        replica: options.listen.to_string(),
+        authenticate: tls.is_some().then(|| options.trust_domain.clone()),
+    };
     let identity = identity::IdentityService {
         store: store.clone(),
         ca,
@@ -149,24 +165,24 @@ async fn serve(options: ControlOptions) -> Result<(), String> {
         token,
         ca_root_not_after,
     })));
-    tracing::info!(listen = %options.listen, store = %options.store, "smesh control ready");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(listen = %options.listen, store = %options.store, scheme, "smesh control ready");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(
-        async move {
-            let mut rx = stop_rx;
-            let _ = rx.wait_for(|s| *s).await;
-        },
-    );
-    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
-    tokio::select! {
-        r = &mut server => return r.map_err(|e| format!("server failed: {e}")),
-        _ = shutdown_signal() => {}
-    }
+    // Proxy streams never end by themselves: open requests get a moment, then go.
+    let server = tokio::spawn(listener::serve(listener, app, tls, stop_rx, Duration::from_secs(2)));
+    shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
-    // Proxy streams never end by themselves; give requests a moment, then go.
-    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    let _ = server.await;
     Ok(())
+}
+
+/// The mesh's trust bundle (public) next to the store, for clients of a TLS control plane.
+fn write_trust_bundle(path: &Path, pem: &str) -> Result<(), String> {
+    if std::fs::read_to_string(path).is_ok_and(|old| old == pem) {
+        return Ok(());
+    }
+    std::fs::write(path, pem).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 async fn shutdown_signal() {

@@ -19,6 +19,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub struct ControlClient {
     /// Control replicas, tried in turn.
     pub urls: Vec<String>,
+    /// For `https://` control planes; the stream presents this proxy's certificate.
+    pub trust: Option<crate::control_tls::ControlTrust>,
+    pub identity: crate::identity::TlsHandle,
     pub hello: Hello,
     pub config: Arc<ArcSwap<Snapshot>>,
     pub metrics: Arc<Metrics>,
@@ -30,7 +33,12 @@ pub struct ControlClient {
 
 enum End {
     Stopped,
-    Lost(String),
+    /// The stream broke; `bool`: after it had delivered configuration.
+    Lost(String, bool),
+    /// The control plane does not accept this proxy (no or the wrong certificate).
+    Refused(String),
+    /// The control plane ended the stream with the certificate that opened it.
+    CertificateExpired,
 }
 
 impl ControlClient {
@@ -43,8 +51,20 @@ impl ControlClient {
             next += 1;
             match self.session(&url, &mut stop).await {
                 End::Stopped => return,
-                End::Lost(why) => {
+                End::CertificateExpired => {
+                    tracing::info!(control = %url, "stream ended with its certificate; reconnecting with the current one");
+                    backoff = MIN_BACKOFF;
+                    continue;
+                }
+                End::Refused(why) => {
+                    tracing::error!(control = %url, reason = %why, "the control plane refused this proxy");
+                }
+                End::Lost(why, worked) => {
                     tracing::warn!(control = %url, reason = %why, "control plane unavailable; serving the last configuration");
+                    // A stream that worked starts the backoff over.
+                    if worked {
+                        backoff = MIN_BACKOFF;
+                    }
                 }
             }
             // Full jitter, so a restarted control plane is not hit by every proxy at once.
@@ -58,38 +78,41 @@ impl ControlClient {
     }
 
     async fn session(&mut self, url: &str, stop: &mut watch::Receiver<bool>) -> End {
-        let endpoint = match tonic::transport::Endpoint::from_shared(url.to_string()) {
-            Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
-            Err(e) => return End::Lost(format!("invalid control URL: {e}")),
-        };
-        let channel = match endpoint.connect().await {
+        let identity = self.identity.load_full();
+        let channel = match crate::control_tls::grpc_channel(url, self.trust.as_ref(), identity.as_deref()).await {
             Ok(c) => c,
-            Err(e) => return End::Lost(format!("connect: {e}")),
+            Err(e) => return End::Lost(e, false),
         };
         let (tx, rx) = mpsc::channel(8);
         let hello = ProxyMessage {
             kind: Some(proxy_message::Kind::Hello(self.hello.clone())),
         };
         if tx.send(hello).await.is_err() {
-            return End::Lost("stream closed".into());
+            return End::Lost("stream closed".into(), false);
         }
         let mut client = DiscoveryClient::new(channel).max_decoding_message_size(self.max_config_bytes.max(4 << 20));
         let mut inbound = match client.stream(ReceiverStream::new(rx)).await {
             Ok(r) => r.into_inner(),
-            Err(e) => return End::Lost(format!("stream: {e}")),
+            Err(e) if matches!(e.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) => {
+                return End::Refused(e.message().to_string());
+            }
+            Err(e) => return End::Lost(format!("stream: {}", e.message()), false),
         };
         tracing::info!(control = %url, "connected to the control plane");
+        let mut worked = false;
         loop {
             tokio::select! {
                 message = inbound.message() => match message {
                     Ok(Some(snapshot)) => {
                         let ack = self.apply(snapshot);
+                        worked = true;
                         if tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Ack(ack)) }).await.is_err() {
-                            return End::Lost("stream closed".into());
+                            return End::Lost("stream closed".into(), worked);
                         }
                     }
-                    Ok(None) => return End::Lost("stream ended".into()),
-                    Err(e) => return End::Lost(format!("stream: {e}")),
+                    Ok(None) => return End::Lost("stream ended".into(), worked),
+                    Err(e) if e.code() == tonic::Code::Unauthenticated && worked => return End::CertificateExpired,
+                    Err(e) => return End::Lost(format!("stream: {}", e.message()), worked),
                 },
                 _ = crate::server::stopped(stop) => {
                     let _ = tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Goodbye(Goodbye {})) }).await;

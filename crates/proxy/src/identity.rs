@@ -30,6 +30,9 @@ pub const ALPN_TCP: &[u8] = b"smesh-tcp";
 pub struct MeshTls {
     pub spiffe_id: String,
     pub not_after: SystemTime,
+    /// The certificate chain and key, for other clients (the control-plane connection).
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
     /// Requires a client certificate from this CA.
     pub server: Arc<ServerConfig>,
     pub client_h2: Arc<ClientConfig>,
@@ -90,13 +93,16 @@ fn build(
         c.alpn_protocols = vec![alpn.to_vec()];
         Ok(Arc::new(c))
     };
+    let (client_h2, client_http1, client_tcp) = (client(ALPN_H2)?, client(ALPN_HTTP1)?, client(ALPN_TCP)?);
     Ok(MeshTls {
         spiffe_id,
         not_after,
+        chain,
+        key: key_der(),
         server: Arc::new(server),
-        client_h2: client(ALPN_H2)?,
-        client_http1: client(ALPN_HTTP1)?,
-        client_tcp: client(ALPN_TCP)?,
+        client_h2,
+        client_http1,
+        client_tcp,
     })
 }
 
@@ -113,6 +119,8 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<String> {
 
 pub struct IdentityAgent {
     pub urls: Vec<String>,
+    /// For `https://` control planes.
+    pub trust: Option<crate::control_tls::ControlTrust>,
     pub service: String,
     pub join_token: Option<String>,
     pub handle: TlsHandle,
@@ -220,8 +228,10 @@ impl IdentityAgent {
         };
         let mut last = String::from("no control plane configured");
         for url in &self.urls {
-            let mut client = match IdentityClient::connect(url.clone()).await {
-                Ok(c) => c,
+            let current = self.handle.load_full();
+            let mut client = match crate::control_tls::grpc_channel(url, self.trust.as_ref(), current.as_deref()).await
+            {
+                Ok(channel) => IdentityClient::new(channel),
                 Err(e) => {
                     last = format!("{url}: {e}");
                     continue;

@@ -14,6 +14,7 @@ pub mod body;
 pub mod budget;
 pub mod circuit;
 pub mod control;
+pub mod control_tls;
 pub mod deadline;
 pub mod detect;
 pub mod errors;
@@ -68,6 +69,8 @@ pub struct ProxyOptions {
     pub max_config_bytes: usize,
     /// Join token for this proxy's first certificate (with `control` and `service`).
     pub join_token: Option<String>,
+    /// CA certificates (PEM) that an `https://` control plane's certificate is checked against.
+    pub control_ca: Option<PathBuf>,
     pub outbound: Option<SocketAddr>,
     pub inbound: Option<SocketAddr>,
     pub app: Option<SocketAddr>,
@@ -108,6 +111,18 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         }
     };
     let config = Arc::new(ArcSwap::from_pointee(snapshot));
+    let control_trust = match &options.control_ca {
+        Some(path) => Some(control_tls::ControlTrust::load(path).map_err(|e| format!("--control-ca: {e}"))?),
+        None => None,
+    };
+    for url in &options.control {
+        let parsed = control_tls::ControlUrl::parse(url).map_err(|e| format!("--control: {e}"))?;
+        if parsed.tls && control_trust.is_none() {
+            return Err(format!(
+                "--control {url}: an https:// control plane needs --control-ca FILE (its CA, e.g. the control plane's DIR/ca.pem)"
+            ));
+        }
+    }
 
     let mut specs: Vec<(SocketAddr, ListenerSpec)> = Vec::new();
     if let Some(addr) = options.outbound {
@@ -254,10 +269,11 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
             }
             None => {
                 // The identity first, so the endpoint is announced with it.
-                let renewals = match options.service.clone().filter(|_| options.app.is_some()) {
+                let renewals = match options.service.clone() {
                     Some(service) => {
                         let agent = identity::IdentityAgent {
                             urls: options.control.clone(),
+                            trust: control_trust.clone(),
                             service,
                             join_token: options.join_token.clone(),
                             handle: tls.clone(),
@@ -271,6 +287,8 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
                 let spiffe_id = tls.load().as_ref().map(|t| t.spiffe_id.clone()).unwrap_or_default();
                 let client = control::ControlClient {
                     urls: options.control.clone(),
+                    trust: control_trust.clone(),
+                    identity: tls.clone(),
                     hello: hello(&options, spiffe_id),
                     config: config.clone(),
                     metrics: metrics.clone(),
