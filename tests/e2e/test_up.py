@@ -4,6 +4,7 @@
 import os
 import random
 import signal
+import subprocess
 import socket
 
 import pytest
@@ -85,6 +86,21 @@ def test_smesh_up_demo_answers_through_the_mesh_and_ctrl_c_stops_everything(run,
     for i in range(5):
         r = http_request(base, "/canary", host="api", headers={"x-canary": "true"})
         assert r.header("x-demo-app") == "api v2", r
+
+    # the control plane speaks TLS only; the CLI trusts it with the CA in the data dir, and
+    # every proxy's stream is authenticated by its certificate
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMESH_")}
+    env.update(SMESH_CONTROL=f"https://127.0.0.1:{base + 40}", SMESH_TOKEN_FILE=str(data / "admin-token"),
+               SMESH_CONTROL_CA=str(data / "ca.pem"))
+    proxies = subprocess.run([SMESH_BIN, "get", "proxies"], capture_output=True, text=True, timeout=30, env=env,
+                             cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert proxies.returncode == 0, proxies.stderr
+    assert sum(1 for line in proxies.stdout.splitlines()[1:] if line.strip()) == 4, proxies.stdout
+    endpoints = subprocess.run([SMESH_BIN, "get", "endpoints", "api", "-o", "json"], capture_output=True,
+                               text=True, timeout=30, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert endpoints.returncode == 0, endpoints.stderr
+    assert endpoints.stdout.count("spiffe://") == 2, endpoints.stdout
 
     # Ctrl-C: SIGINT to `smesh up` only; it must stop every child itself
     up.signal(signal.SIGINT)

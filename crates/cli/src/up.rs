@@ -138,7 +138,9 @@ pub fn run(args: UpArgs) -> Result<(), String> {
     std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
     let at = |offset: u16| SocketAddr::from(([127, 0, 0, 1], args.port + offset));
     let control_addr = at(40);
-    let control_url = format!("http://{control_addr}");
+    let control_url = format!("https://{control_addr}");
+    // The control plane writes the mesh root here; every client checks it with it.
+    let control_ca = args.data.join("ca.pem");
     let proxy = |i: u16| Proxy {
         outbound: at(100 * i),
         inbound: at(100 * i + 3),
@@ -161,14 +163,20 @@ pub fn run(args: UpArgs) -> Result<(), String> {
             control_addr.to_string(),
             s("--store"),
             store,
+            s("--tls"),
         ],
         &logs,
     )?;
     wait_for("the control plane", Duration::from_secs(10), || {
-        http_ok(control_addr, "/healthz", "control").is_some()
+        control_ca.exists() && std::net::TcpStream::connect_timeout(&control_addr, Duration::from_millis(200)).is_ok()
     })?;
     let token_file = args.data.join("admin-token");
-    apply(&exe, &control_url, &token_file)?;
+    let remote = Remote {
+        url: &control_url,
+        token_file: &token_file,
+        ca: &control_ca,
+    };
+    apply(&exe, &remote)?;
 
     let app = |name: &str, version: &str, p: &Proxy, extra: &[String]| {
         let mut a = vec![
@@ -204,6 +212,8 @@ pub fn run(args: UpArgs) -> Result<(), String> {
             s("proxy"),
             s("--control"),
             control_url.clone(),
+            s("--control-ca"),
+            control_ca.display().to_string(),
             s("--service"),
             s(service),
             s("--labels"),
@@ -232,13 +242,7 @@ pub fn run(args: UpArgs) -> Result<(), String> {
         ("proxy-db", "db", "v1", &db, None),
     ];
     for (name, service, version, p, upstream) in proxies {
-        let token = join_token(
-            &exe,
-            &control_url,
-            &token_file,
-            service,
-            &logs.join(format!("{name}.token")),
-        )?;
+        let token = join_token(&exe, &remote, service, &logs.join(format!("{name}.token")))?;
         let mut args = proxy_args(service, version, p, upstream);
         args.extend([s("--token-file"), token.display().to_string()]);
         children.spawn(&exe, name, &args, &logs)?;
@@ -251,7 +255,7 @@ pub fn run(args: UpArgs) -> Result<(), String> {
     wait_for("the demo", Duration::from_secs(10), || {
         http_ok(web.outbound, "/", "web").is_some_and(|r| r.contains("api") && r.contains("echo:"))
     })?;
-    print_banner(&args, control_addr, &web, &token_file, &logs);
+    print_banner(&args, control_addr, &web, &remote, &logs);
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = (!args.no_load).then(|| {
@@ -275,10 +279,30 @@ pub fn run(args: UpArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn apply(exe: &Path, control: &str, token_file: &Path) -> Result<(), String> {
+/// How the demo's CLI calls reach the control plane.
+struct Remote<'a> {
+    url: &'a str,
+    token_file: &'a Path,
+    ca: &'a Path,
+}
+
+impl Remote<'_> {
+    fn args(&self) -> [&std::ffi::OsStr; 6] {
+        [
+            "--control".as_ref(),
+            self.url.as_ref(),
+            "--token-file".as_ref(),
+            self.token_file.as_os_str(),
+            "--control-ca".as_ref(),
+            self.ca.as_os_str(),
+        ]
+    }
+}
+
+fn apply(exe: &Path, remote: &Remote) -> Result<(), String> {
     let mut child = Command::new(exe)
-        .args(["apply", "-f", "-", "--control", control, "--token-file"])
-        .arg(token_file)
+        .args(["apply", "-f", "-"])
+        .args(remote.args())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -296,19 +320,11 @@ fn apply(exe: &Path, control: &str, token_file: &Path) -> Result<(), String> {
 }
 
 /// Creates a join token for `service` with the CLI and writes it to `path` (owner-only).
-fn join_token(exe: &Path, control: &str, admin_token: &Path, service: &str, path: &Path) -> Result<PathBuf, String> {
+fn join_token(exe: &Path, remote: &Remote, service: &str, path: &Path) -> Result<PathBuf, String> {
     use std::os::unix::fs::OpenOptionsExt;
     let out = Command::new(exe)
-        .args([
-            "token",
-            "create",
-            "--service",
-            service,
-            "--control",
-            control,
-            "--token-file",
-        ])
-        .arg(admin_token)
+        .args(["token", "create", "--service", service])
+        .args(remote.args())
         .output()
         .map_err(|e| format!("cannot run smesh token create: {e}"))?;
     if !out.status.success() {
@@ -329,12 +345,12 @@ fn join_token(exe: &Path, control: &str, admin_token: &Path, service: &str, path
     Ok(path.to_path_buf())
 }
 
-fn print_banner(args: &UpArgs, control: SocketAddr, web: &Proxy, token: &Path, logs: &Path) {
+fn print_banner(args: &UpArgs, control: SocketAddr, web: &Proxy, remote: &Remote, logs: &Path) {
     let web_out = web.outbound;
     println!(
         r#"
 smesh demo mesh is up.
-  control plane    http://{control}   (state and admin token in {data})
+  control plane    https://{control}   (state, admin token and CA certificate in {data})
   web's proxy      http://{web_out}   admin http://{web_admin}/metrics
   logs             {logs}/
 
@@ -342,7 +358,7 @@ Try:
   curl -H 'Host: web' http://{web_out}/hello                  # web -> api (80% v1, 20% v2) -> db (TCP), all on mTLS
   curl -H 'Host: api' -H 'x-canary: true' http://{web_out}/    # always api v2
   curl -x http://{web_out} http://api/                          # the proxy as an HTTP proxy
-  export SMESH_CONTROL=http://{control} SMESH_TOKEN_FILE={token}
+  export SMESH_CONTROL=https://{control} SMESH_TOKEN_FILE={token} SMESH_CONTROL_CA={ca}
   smesh get services; smesh get endpoints api; smesh get proxies; smesh get certificates
   smesh kv put demo/greeting hello; smesh kv get demo/greeting
   curl -s http://{web_admin}/metrics | grep smesh_requests_total
@@ -350,7 +366,8 @@ Try:
 Ctrl-C stops everything."#,
         data = args.data.display(),
         web_admin = web.admin,
-        token = token.display(),
+        token = remote.token_file.display(),
+        ca = remote.ca.display(),
         logs = logs.display(),
     );
 }
