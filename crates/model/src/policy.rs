@@ -1,5 +1,6 @@
 //! `BackendPolicy`: per-Service resilience settings applied by every proxy that sends to the
-//! Service (circuit breaking, outlier detection, the retry budget, active health checks).
+//! Service (circuit breaking, outlier detection, the retry budget, active health checks), and
+//! one applied by the Service's own proxies to what they let in (`rateLimit`).
 
 use crate::duration;
 use serde::{Deserialize, Serialize};
@@ -21,6 +22,9 @@ pub struct BackendPolicySpec {
     pub retry_budget: Option<RetryBudget>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<Box<HealthCheck>>,
+    /// Enforced on the inbound side by the proxies registered for the Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<crate::ServiceRateLimit>,
 }
 
 /// Envoy-style thresholds, counted per proxy across its workers. Unset: no limit.
@@ -234,6 +238,9 @@ pub fn validate_backend_policy(p: &BackendPolicy, services: &HashSet<&str>, fail
                 fail(&format!("spec.healthCheck.{name}"), "must be at least 1".into());
             }
         }
+    }
+    if let Some(r) = &spec.rate_limit {
+        crate::ratelimit::validate_service_rate_limit("spec.rateLimit", r, fail);
     }
     if let Some(b) = &spec.retry_budget {
         if let Some(r) = b.ratio.filter(|r| !(0.0..=1000.0).contains(r)) {

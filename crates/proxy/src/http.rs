@@ -60,12 +60,13 @@ impl HttpProxy {
     pub async fn handle(self, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let start = Instant::now();
         let grpc = is_grpc(&req);
-        let rule = match &self.target {
+        let (rule, service_limit) = match &self.target {
             Target::Inbound(rule) => {
-                if let Some(denied) = self.authorize(&req, rule, grpc) {
+                let snapshot = self.shared.config.load();
+                if let Some(denied) = self.authorize(&snapshot, &req, rule, grpc) {
                     return Ok(denied);
                 }
-                rule.clone()
+                (rule.clone(), snapshot.inbound_limit.clone())
             }
             target => {
                 let snapshot = self.shared.config.load();
@@ -83,7 +84,7 @@ impl HttpProxy {
                     return Ok(self.tunnel(&mut req, &balancer).await);
                 }
                 match service.route(&req) {
-                    Some(rule) => rule.clone(),
+                    Some(rule) => (rule.clone(), None),
                     None => {
                         let detail = format!("{} {}", req.method(), req.uri().path());
                         return Ok(self.fail(ProxyError::NoRoute, &detail, grpc));
@@ -101,7 +102,7 @@ impl HttpProxy {
                 req.version()
             )
         });
-        let resp = match self.forward(req, &rule, start).await {
+        let resp = match self.forward(req, &rule, service_limit.as_deref(), start).await {
             Ok(resp) => resp,
             Err((error, detail)) => self.fail(error, &detail, grpc),
         };
@@ -123,10 +124,15 @@ impl HttpProxy {
     }
 
     /// Inbound authorization with the verified peer identity; `Some` is the denial to send.
-    fn authorize(&self, req: &Request<Incoming>, rule: &Rule, grpc: bool) -> Option<Response<Body>> {
-        let snapshot = self.shared.config.load();
+    fn authorize(
+        &self,
+        snapshot: &crate::snapshot::Snapshot,
+        req: &Request<Incoming>,
+        rule: &Rule,
+        grpc: bool,
+    ) -> Option<Response<Body>> {
         let (peer, method, path) = (self.peer.as_deref(), Some(req.method()), Some(req.uri().path()));
-        match crate::authz::decide_inbound(&snapshot, &self.shared.metrics, rule, peer, method, path)? {
+        match crate::authz::decide_inbound(snapshot, &self.shared.metrics, rule, peer, method, path)? {
             crate::authz::Decision::Allow(_) => None,
             crate::authz::Decision::Deny(policy) => {
                 let by = policy.as_deref().unwrap_or("the default policy");
@@ -141,14 +147,17 @@ impl HttpProxy {
         error.response(detail, grpc)
     }
 
+    /// `service_limit`: on the inbound side, this proxy's share of its Service's BackendPolicy
+    /// `rateLimit`.
     async fn forward(
         &self,
         mut req: Request<Incoming>,
         rule: &Rule,
+        service_limit: Option<&crate::ratelimit::RateLimits>,
         start: Instant,
     ) -> Result<Response<Body>, Failure> {
         let grpc = is_grpc(&req);
-        if let Some(rate_limits) = &rule.rate_limits {
+        for rate_limits in [service_limit, rule.rate_limits.as_deref()].into_iter().flatten() {
             let peer = self.peer.as_deref();
             if let Some(resp) = rate_limits.check(req.headers(), self.client.ip(), peer, grpc) {
                 self.shared

@@ -88,10 +88,16 @@ pub struct ProxyOptions {
 /// (bad configuration, an address in use) and are meant for the user as they are.
 pub fn run(options: ProxyOptions) -> Result<(), String> {
     let metrics = metrics::Metrics::new();
+    // A proxy in front of an app enforces its Service's BackendPolicy `rateLimit` inbound.
+    let local_service = options
+        .service
+        .as_deref()
+        .filter(|_| options.inbound.is_some() && options.app.is_some());
+    let empty = snapshot::Snapshot::serving(local_service);
     let snapshot = match (&options.config, options.control.is_empty()) {
         (Some(path), true) => {
             let items = reload::load(path)?;
-            let snapshot = snapshot::Snapshot::build(&items, &snapshot::Snapshot::empty(), &metrics, "outbound");
+            let snapshot = snapshot::Snapshot::build(&items, &empty, &metrics, "outbound");
             metrics.config_generation.set(snapshot.generation as i64);
             metrics.config_reloads.with_label_values(&["ok"]).inc();
             for (name, _) in &options.upstreams {
@@ -104,7 +110,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
             }
             snapshot
         }
-        (None, false) => snapshot::Snapshot::empty(),
+        (None, false) => empty,
         (Some(_), false) => return Err("give either --config FILE or --control URL, not both".into()),
         (None, true) => {
             return Err("give --config FILE (static configuration) or --control URL (a control plane)".into())

@@ -7,7 +7,7 @@ use crate::budget::RetryBudget;
 use crate::circuit::{CircuitBreaker, Overflow, Overflows, Permit, RetryPermit};
 use crate::outlier::OutlierDetector;
 use crate::pool::SendError;
-use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 use std::sync::Arc;
 
 /// Families for the resilience layers, registered with the proxy's other metrics.
@@ -17,6 +17,7 @@ pub struct ResilienceMetrics {
     pub mirrors: IntCounterVec,
     pub faults: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    pub rate_limit_share: GaugeVec,
     pub health_checks: IntCounterVec,
     pub unhealthy_endpoints: IntGaugeVec,
 }
@@ -38,11 +39,22 @@ impl ResilienceMetrics {
         .expect("valid metric definition");
         r.register(Box::new(unhealthy_endpoints.clone()))
             .expect("metric registered once");
+        let rate_limit_share = GaugeVec::new(
+            Opts::new(
+                "smesh_rate_limit_share_requests_per_second",
+                "Requests per second this proxy lets into its Service under the Service's BackendPolicy rateLimit (scope mesh: the limit divided by the Service's live endpoints).",
+            ),
+            &["service"],
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(rate_limit_share.clone()))
+            .expect("metric registered once");
         ResilienceMetrics {
             unhealthy_endpoints,
+            rate_limit_share,
             rate_limited: counter(
                 "smesh_rate_limited_total",
-                "Requests refused by a RateLimit filter.",
+                "Requests refused by a RateLimit filter (route: the filter's route) or by the Service's BackendPolicy rateLimit (route=\"inbound\").",
                 &["service", "route"],
             ),
             health_checks: counter(

@@ -27,6 +27,12 @@ pub struct Snapshot {
     /// RateLimit filters' buckets by "service/route/rule/filter" (kept by the next build
     /// when the filter is unchanged).
     limiters: FxHashMap<String, Arc<crate::ratelimit::RateLimiter>>,
+    /// The Service this proxy fronts (`--service` with `--inbound`/`--app`); carried from
+    /// snapshot to snapshot.
+    local_service: Option<Arc<str>>,
+    /// This proxy's share of its Service's BackendPolicy `rateLimit`, checked on inbound
+    /// requests (kept by the next build when the share is unchanged).
+    pub inbound_limit: Option<Arc<crate::ratelimit::RateLimits>>,
 }
 
 /// Everything needed to route a request addressed to one Service.
@@ -54,6 +60,12 @@ impl ServiceTable {
 
 impl Snapshot {
     pub fn empty() -> Self {
+        Self::serving(None)
+    }
+
+    /// An empty snapshot for a proxy in front of `local_service`'s app: this and every
+    /// snapshot built after it enforce that Service's BackendPolicy `rateLimit` inbound.
+    pub fn serving(local_service: Option<&str>) -> Self {
         Snapshot {
             generation: 0,
             mtls: MtlsMode::default(),
@@ -64,6 +76,8 @@ impl Snapshot {
             by_host: FxHashMap::default(),
             policies: FxHashMap::default(),
             limiters: FxHashMap::default(),
+            local_service: local_service.map(Arc::from),
+            inbound_limit: None,
         }
     }
 
@@ -180,6 +194,23 @@ impl Snapshot {
                     let built = ServicePolicy::build(&p.spec, target, all, metrics, previous);
                     policies.insert(target.to_string(), Arc::new(built));
                 }
+            }
+        }
+        let inbound_limit = previous.local_service.as_deref().and_then(|local| {
+            let spec = policies.get(local)?.spec.rate_limit.as_ref()?;
+            let live = endpoints.get(local).map_or(0, Vec::len);
+            Some(inbound_limit(spec, local, live, previous, metrics))
+        });
+        if let Some(local) = previous.local_service.as_deref() {
+            let share = inbound_limit
+                .as_ref()
+                .map_or(0.0, |l| l.limiters[0].spec.requests_per_second);
+            if inbound_limit.is_some() || previous.inbound_limit.is_some() {
+                metrics
+                    .resilience
+                    .rate_limit_share
+                    .with_label_values(&[local])
+                    .set(share);
             }
         }
         let mut limiters: FxHashMap<String, Arc<crate::ratelimit::RateLimiter>> = FxHashMap::default();
@@ -321,6 +352,136 @@ impl Snapshot {
             by_host,
             policies,
             limiters,
+            local_service: previous.local_service.clone(),
+            inbound_limit,
         }
+    }
+}
+
+/// This proxy's share of its own Service's `rateLimit` (the whole limit with `scope: local`,
+/// divided by the Service's `live` endpoints with `scope: mesh`); the previous snapshot's
+/// buckets when the share is unchanged.
+fn inbound_limit(
+    spec: &smesh_model::ServiceRateLimit,
+    local: &str,
+    live: usize,
+    previous: &Snapshot,
+    metrics: &Metrics,
+) -> Arc<crate::ratelimit::RateLimits> {
+    let share = spec.share(live);
+    if let Some(same) = previous
+        .inbound_limit
+        .as_ref()
+        .filter(|l| l.limiters.len() == 1 && l.limiters[0].spec == share)
+    {
+        return same.clone();
+    }
+    tracing::info!(
+        service = local,
+        endpoints = live,
+        requests_per_second = share.requests_per_second,
+        burst = share.burst,
+        "inbound rate limit"
+    );
+    Arc::new(crate::ratelimit::RateLimits {
+        limiters: vec![Arc::new(crate::ratelimit::RateLimiter::new(&share))],
+        limited: metrics.resilience.rate_limited.with_label_values(&[local, "inbound"]),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(endpoints: usize, limit: Option<&str>) -> Vec<Sourced> {
+        let eps: Vec<String> = (0..endpoints)
+            .map(|i| format!("{{address: 127.0.0.1:{}}}", 9001 + i))
+            .collect();
+        let mut text = format!(
+            "apiVersion: smesh.io/v1\nkind: Service\nmetadata: {{name: api}}\nspec: {{endpoints: [{}]}}\n",
+            eps.join(", ")
+        );
+        if let Some(limit) = limit {
+            text.push_str(&format!("---\napiVersion: smesh.io/v1\nkind: BackendPolicy\nmetadata: {{name: p}}\nspec:\n  targetRef: {{name: api}}\n  rateLimit: {limit}\n"));
+        }
+        smesh_model::load("mesh.yaml", &text).expect("valid")
+    }
+
+    fn share(s: &Snapshot) -> Option<(f64, Option<u32>)> {
+        s.inbound_limit.as_ref().map(|l| {
+            let spec = &l.limiters[0].spec;
+            (spec.requests_per_second, spec.burst)
+        })
+    }
+
+    fn gauge(m: &Metrics) -> f64 {
+        m.resilience.rate_limit_share.with_label_values(&["api"]).get()
+    }
+
+    #[test]
+    fn mesh_limit_follows_the_live_endpoints_and_keeps_its_buckets() {
+        let m = Metrics::new();
+        let mesh = Some("{requestsPerSecond: 90, burst: 9, scope: mesh}");
+        let s0 = Snapshot::serving(Some("api"));
+        let s1 = Snapshot::build(&items(3, mesh), &s0, &m, "outbound");
+        assert_eq!(share(&s1), Some((30.0, Some(3))));
+        assert_eq!(gauge(&m), 30.0);
+        // an unrelated change (or a repeated push) keeps the same buckets
+        let s2 = Snapshot::build(&items(3, mesh), &s1, &m, "outbound");
+        assert!(Arc::ptr_eq(
+            s1.inbound_limit.as_ref().unwrap(),
+            s2.inbound_limit.as_ref().unwrap()
+        ));
+        // a proxy leaves: the others' shares grow
+        let s3 = Snapshot::build(&items(2, mesh), &s2, &m, "outbound");
+        assert_eq!(share(&s3), Some((45.0, Some(4))));
+        assert_eq!(gauge(&m), 45.0);
+        assert!(!Arc::ptr_eq(
+            s2.inbound_limit.as_ref().unwrap(),
+            s3.inbound_limit.as_ref().unwrap()
+        ));
+        // not registered yet (no endpoints): the whole limit
+        let s4 = Snapshot::build(&items(0, mesh), &s3, &m, "outbound");
+        assert_eq!(share(&s4), Some((90.0, Some(9))));
+        // local scope ignores the count
+        let local = Some("{requestsPerSecond: 90}");
+        let s5 = Snapshot::build(&items(3, local), &s4, &m, "outbound");
+        assert_eq!(share(&s5), Some((90.0, Some(9))));
+        // the policy goes: no limit, the gauge says 0
+        let s6 = Snapshot::build(&items(3, None), &s5, &m, "outbound");
+        assert!(s6.inbound_limit.is_none());
+        assert_eq!(gauge(&m), 0.0);
+    }
+
+    #[test]
+    fn only_the_services_own_proxies_enforce_it() {
+        let m = Metrics::new();
+        let mesh = Some("{requestsPerSecond: 90, scope: mesh}");
+        let client = Snapshot::build(&items(3, mesh), &Snapshot::empty(), &m, "outbound");
+        assert!(client.inbound_limit.is_none());
+        let other = Snapshot::build(&items(3, mesh), &Snapshot::serving(Some("web")), &m, "outbound");
+        assert!(other.inbound_limit.is_none());
+    }
+
+    #[test]
+    fn inbound_share_refuses_above_the_split_rate() {
+        let m = Metrics::new();
+        let s = Snapshot::build(
+            &items(2, Some("{requestsPerSecond: 4, burst: 2, scope: mesh}")),
+            &Snapshot::serving(Some("api")),
+            &m,
+            "outbound",
+        );
+        let limits = s.inbound_limit.as_ref().unwrap();
+        let h = http::HeaderMap::new();
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+        // burst 2 / 2 proxies = 1: the first passes, the next is refused with retry-after
+        assert!(limits.check(&h, ip, None, false).is_none());
+        let refused = limits.check(&h, ip, None, false).expect("over the share");
+        assert_eq!(refused.status(), 429);
+        assert_eq!(refused.headers()["retry-after"], "1");
+        assert_eq!(limits.limited.get(), 1);
+        let grpc = limits.check(&h, ip, None, true).expect("over the share");
+        assert_eq!(grpc.headers()["grpc-status"], "8");
     }
 }
