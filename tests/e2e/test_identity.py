@@ -255,7 +255,7 @@ def test_the_ca_key_is_never_exposed(run):
     assert mode & 0o077 == 0, f"the store (holding the CA key) is readable by others: {oct(mode)}"
     bodies = []
     for path in ["/api/v1/resources/service", "/api/v1/proxies", "/api/v1/certificates",
-                 "/api/v1/endpoints/api", "/v1/kv/ca?recurse", "/v1/kv/?recurse", "/healthz"]:
+                 "/api/v1/endpoints/api", "/api/v1/ca", "/v1/kv/ca?recurse", "/v1/kv/?recurse", "/healthz"]:
         r = cp.api("GET", path)
         bodies.append(r.body)
     for b in bodies + [cp.stderr().encode(), api.stderr().encode(), api.admin_get("/config").body,

@@ -191,6 +191,42 @@ pub async fn token_create(control: &Control, service: &str, ttl: &str) -> Result
     Ok(())
 }
 
+fn print_ca(v: &serde_json::Value) {
+    let root = |r: &serde_json::Value| {
+        let expires = r["not_after_unix"]
+            .as_u64()
+            .map(|t| {
+                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string()
+            })
+            .unwrap_or_else(|| "?".into());
+        format!("{}  expires {expires}", r["sha256"].as_str().unwrap_or("?"))
+    };
+    println!("trust domain  {}", v["trust_domain"].as_str().unwrap_or(""));
+    println!("signing root  {}", root(&v["root"]));
+    for p in v["previous"].as_array().into_iter().flatten() {
+        println!("also trusted  {}", root(p));
+    }
+}
+
+pub async fn ca_show(control: &Control, bundle: bool) -> Result<(), String> {
+    let v = control.get("/api/v1/ca").await?.json()?;
+    if bundle {
+        print!("{}", v["bundle_pem"].as_str().unwrap_or(""));
+    } else {
+        print_ca(&v);
+    }
+    Ok(())
+}
+
+pub async fn ca_change(control: &Control, path: &str) -> Result<(), String> {
+    let v = control
+        .call(Method::POST, path, "application/json", Bytes::new())
+        .await?
+        .json()?;
+    print_ca(&v);
+    Ok(())
+}
+
 pub async fn delete(control: &Control, kind: &str, name: &str) -> Result<(), String> {
     let v = control
         .call(

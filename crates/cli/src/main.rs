@@ -86,6 +86,13 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// The mesh CA's roots: show, rotate, retire the old ones.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// The key/value store.
     Kv {
         #[command(subcommand)]
@@ -104,6 +111,24 @@ enum Command {
     /// A small HTTP service used by the demo (and handy for trying routes).
     #[command(hide = true)]
     DemoApp(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// The signing root, the roots still trusted, and the public trust bundle.
+    Show {
+        /// Print only the trust bundle (PEM), e.g. for --control-ca.
+        #[arg(long)]
+        bundle: bool,
+    },
+    /// Make a new signing root; the old one stays trusted until `smesh ca retire`.
+    Rotate,
+    /// Stop trusting the roots a rotation replaced (refused while certificates they signed
+    /// are still valid, unless --force).
+    Retire {
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -362,6 +387,20 @@ fn main() -> ExitCode {
         Command::Token { command, remote } => with_control(remote, |c| async move {
             match command {
                 TokenCommand::Create { service, ttl } => commands::token_create(&c, &service, &ttl).await,
+            }
+        }),
+        Command::Ca { command, remote } => with_control(remote, |c| async move {
+            match command {
+                CaCommand::Show { bundle } => commands::ca_show(&c, bundle).await,
+                CaCommand::Rotate => commands::ca_change(&c, "/api/v1/ca/rotate").await,
+                CaCommand::Retire { force } => {
+                    let path = if force {
+                        "/api/v1/ca/retire?force=true"
+                    } else {
+                        "/api/v1/ca/retire"
+                    };
+                    commands::ca_change(&c, path).await
+                }
             }
         }),
         Command::Kv { command, remote } => with_control(remote, |c| async move {

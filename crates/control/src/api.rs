@@ -19,8 +19,8 @@ use std::sync::Arc;
 pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub token: String,
-    /// Unix time the CA root expires, for `smesh check`.
-    pub ca_root_not_after: Option<u64>,
+    /// The CA in use (its roots, for `smesh check` and rotation).
+    pub ca: crate::ca::CaHandle,
 }
 
 pub type Shared = Arc<ApiState>;
@@ -35,6 +35,9 @@ pub fn routes(state: Shared) -> Router {
         .route("/api/v1/tokens", axum::routing::post(crate::identity::create_token))
         .route("/api/v1/certificates", get(certificates))
         .route("/api/v1/check", get(crate::check::check))
+        .route("/api/v1/ca", get(crate::rotation::show))
+        .route("/api/v1/ca/rotate", axum::routing::post(crate::rotation::rotate))
+        .route("/api/v1/ca/retire", axum::routing::post(crate::rotation::retire))
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(crate::kv::routes())
         .with_state(state)

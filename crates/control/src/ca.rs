@@ -23,11 +23,25 @@ struct StoredRoot {
     key_pem: String,
 }
 
+/// The roots a rotation replaced: still trusted until they are retired.
+#[derive(Serialize, Deserialize, Default)]
+pub struct PreviousRoots {
+    pub roots: Vec<String>,
+    /// When the newest rotation happened; certificates issued before it come from an old root.
+    pub rotated_unix: u64,
+}
+
 pub struct Ca {
     pub trust_domain: String,
     issuer: Issuer<'static, KeyPair>,
+    /// The root that signs.
     pub root_pem: String,
     root_der: Vec<u8>,
+    /// Roots still trusted after a rotation.
+    pub previous: PreviousRoots,
+    previous_der: Vec<Vec<u8>>,
+    /// The root came from `--ca-cert`/`--ca-key`, so it is not rotated through the store.
+    pub from_files: bool,
 }
 
 pub fn spiffe_id(trust_domain: &str, service: &str) -> String {
@@ -46,18 +60,22 @@ impl Ca {
         trust_domain: &str,
         given: Option<(String, String)>,
     ) -> Result<Ca, String> {
-        if let Some((cert_pem, key_pem)) = given {
-            return Ca::from_pem(trust_domain, &cert_pem, &key_pem);
-        }
+        let ca = match given {
+            Some((cert_pem, key_pem)) => {
+                let mut ca = Ca::from_pem(trust_domain, &cert_pem, &key_pem, PreviousRoots::default())?;
+                ca.from_files = true;
+                ca
+            }
+            None => Ca::load_or_create_in_store(store, trust_domain).await?,
+        };
+        ca.publish_bundle(store).await?;
+        Ok(ca)
+    }
+
+    async fn load_or_create_in_store(store: &dyn Store, trust_domain: &str) -> Result<Ca, String> {
         for _ in 0..3 {
-            if let Some(kv) = store
-                .get(keys::CA_ROOT)
-                .await
-                .map_err(|e| format!("reading the CA root: {e}"))?
-            {
-                let root: StoredRoot =
-                    serde_json::from_slice(&kv.value).map_err(|e| format!("stored CA root is unreadable: {e}"))?;
-                return Ca::from_pem(trust_domain, &root.cert_pem, &root.key_pem);
+            if let Some(ca) = Ca::load(store, trust_domain).await? {
+                return Ok(ca);
             }
             let (cert_pem, key_pem) = make_root(trust_domain)?;
             let value = serde_json::to_vec(&StoredRoot { cert_pem, key_pem }).map_err(|e| e.to_string())?;
@@ -81,16 +99,78 @@ impl Ca {
         Err("could not create or read the CA root".into())
     }
 
-    fn from_pem(trust_domain: &str, cert_pem: &str, key_pem: &str) -> Result<Ca, String> {
+    /// The CA as the store has it now (`None` before a root was made).
+    pub async fn load(store: &dyn Store, trust_domain: &str) -> Result<Option<Ca>, String> {
+        let Some(kv) = store
+            .get(keys::CA_ROOT)
+            .await
+            .map_err(|e| format!("reading the CA root: {e}"))?
+        else {
+            return Ok(None);
+        };
+        let root: StoredRoot =
+            serde_json::from_slice(&kv.value).map_err(|e| format!("stored CA root is unreadable: {e}"))?;
+        let previous = match store
+            .get(keys::CA_PREVIOUS)
+            .await
+            .map_err(|e| format!("reading the previous CA roots: {e}"))?
+        {
+            Some(kv) => serde_json::from_slice(&kv.value).map_err(|e| format!("stored previous roots: {e}"))?,
+            None => PreviousRoots::default(),
+        };
+        Ca::from_pem(trust_domain, &root.cert_pem, &root.key_pem, previous).map(Some)
+    }
+
+    fn from_pem(trust_domain: &str, cert_pem: &str, key_pem: &str, previous: PreviousRoots) -> Result<Ca, String> {
         let key = KeyPair::from_pem(key_pem).map_err(|e| format!("CA key: {e}"))?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| format!("CA certificate: {e}"))?;
         let root_der = pem_to_der(cert_pem).ok_or("CA certificate: not PEM")?;
+        let previous_der = previous
+            .roots
+            .iter()
+            .map(|p| pem_to_der(p).ok_or_else(|| "a previous CA root is not PEM".to_string()))
+            .collect::<Result<_, _>>()?;
         Ok(Ca {
             trust_domain: trust_domain.to_string(),
             issuer,
             root_pem: cert_pem.to_string(),
             root_der,
+            previous,
+            previous_der,
+            from_files: false,
         })
+    }
+
+    /// The SHA-256 fingerprint of the signing root (`AB:CD:...`).
+    pub fn root_fingerprint(&self) -> String {
+        fingerprint(&self.root_der)
+    }
+
+    /// Every trusted root, the signing one first (PEM).
+    pub fn bundle_pem(&self) -> String {
+        let mut out = self.root_pem.trim_end().to_string();
+        out.push('\n');
+        for p in &self.previous.roots {
+            out.push_str(p.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Makes sure the store's public trust bundle (what proxies get pushed) is this CA's.
+    pub async fn publish_bundle(&self, store: &dyn Store) -> Result<(), String> {
+        let bundle = self.bundle_pem();
+        let current = store
+            .get(keys::TRUST_BUNDLE)
+            .await
+            .map_err(|e| format!("reading the trust bundle: {e}"))?;
+        if current.is_some_and(|kv| kv.value == bundle.as_bytes()) {
+            return Ok(());
+        }
+        crate::store::put(store, keys::TRUST_BUNDLE, bundle.into_bytes(), 0)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("writing the trust bundle: {e}"))
     }
 
     /// Unix time the root expires.
@@ -181,9 +261,13 @@ impl Ca {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| format!("invalid CSR: {e}"))?;
         let der = pem_to_der(cert_pem).ok_or("current certificate: not PEM")?;
         let (_, cert) = X509Certificate::from_der(&der).map_err(|e| format!("current certificate: {e}"))?;
-        let (_, root) = X509Certificate::from_der(&self.root_der).map_err(|e| format!("CA root: {e}"))?;
-        cert.verify_signature(Some(root.public_key()))
-            .map_err(|_| "current certificate was not issued by this CA".to_string())?;
+        let signed_by_trusted = std::iter::once(&self.root_der)
+            .chain(&self.previous_der)
+            .filter_map(|der| X509Certificate::from_der(der).ok())
+            .any(|(_, root)| cert.verify_signature(Some(root.public_key())).is_ok());
+        if !signed_by_trusted {
+            return Err("current certificate was not issued by this CA".into());
+        }
         if !cert.validity().is_valid() {
             return Err("current certificate has expired; a new join token is needed".into());
         }
@@ -196,6 +280,146 @@ impl Ca {
         }
         Ok(())
     }
+}
+
+/// The CA in use; replaced when the store's CA state changes (a rotation on any replica).
+pub type CaHandle = std::sync::Arc<arc_swap::ArcSwap<Ca>>;
+
+/// Follows the store's CA state into `handle` and calls `changed` after each swap; for as
+/// long as the runtime lives.
+pub fn follow(store: std::sync::Arc<dyn Store>, handle: CaHandle, changed: impl Fn(&Ca) + Send + Sync + 'static) {
+    tokio::spawn(async move {
+        // What `changed` last saw (the API may swap `handle` itself before the watch fires).
+        let mut applied = {
+            let ca = handle.load();
+            (ca.root_pem.clone(), ca.previous.roots.clone())
+        };
+        loop {
+            let result = async {
+                let revision = store.revision().await.map_err(|e| e.to_string())?;
+                // A change between the first load and the watch is caught by reloading once.
+                reload(store.as_ref(), &handle, &mut applied, &changed).await?;
+                let mut events = store.watch(keys::CA, revision).await.map_err(|e| e.to_string())?;
+                while let Some(batch) = events.recv().await {
+                    batch.map_err(|e| e.to_string())?;
+                    reload(store.as_ref(), &handle, &mut applied, &changed).await?;
+                }
+                Err::<(), String>("watch ended".into())
+            };
+            if let Err(e) = result.await {
+                tracing::warn!(error = %e, "following the CA state interrupted; retrying");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+}
+
+async fn reload(
+    store: &dyn Store,
+    handle: &CaHandle,
+    applied: &mut (String, Vec<String>),
+    changed: &(impl Fn(&Ca) + Send + Sync),
+) -> Result<(), String> {
+    let trust_domain = handle.load().trust_domain.clone();
+    let Some(next) = Ca::load(store, &trust_domain).await? else {
+        return Ok(());
+    };
+    if next.root_pem == applied.0 && next.previous.roots == applied.1 {
+        return Ok(());
+    }
+    *applied = (next.root_pem.clone(), next.previous.roots.clone());
+    tracing::info!(trusted_roots = 1 + next.previous.roots.len(), "CA roots changed");
+    let next = std::sync::Arc::new(next);
+    handle.store(next.clone());
+    changed(&next);
+    Ok(())
+}
+
+/// Replaces the signing root with a new one; the old root stays trusted (in the bundle)
+/// until [`retire`]. Fails if another rotation got there first.
+pub async fn rotate(store: &dyn Store, trust_domain: &str) -> Result<Ca, String> {
+    let kv = store
+        .get(keys::CA_ROOT)
+        .await
+        .map_err(|e| format!("reading the CA root: {e}"))?
+        .ok_or("there is no CA root in the store")?;
+    let old: StoredRoot = serde_json::from_slice(&kv.value).map_err(|e| format!("stored CA root: {e}"))?;
+    let current = Ca::load(store, trust_domain)
+        .await?
+        .ok_or("there is no CA root in the store")?;
+    let mut previous = current.previous;
+    previous.roots.insert(0, old.cert_pem);
+    previous.rotated_unix = unix_now();
+    let (cert_pem, key_pem) = make_root(trust_domain)?;
+    let next = Ca::from_pem(trust_domain, &cert_pem, &key_pem, previous)?;
+    let ops = vec![
+        Op::Put {
+            key: keys::CA_ROOT.into(),
+            value: serde_json::to_vec(&StoredRoot { cert_pem, key_pem }).map_err(|e| e.to_string())?,
+            lease: 0,
+        },
+        Op::Put {
+            key: keys::CA_PREVIOUS.into(),
+            value: serde_json::to_vec(&next.previous).map_err(|e| e.to_string())?,
+            lease: 0,
+        },
+        Op::Put {
+            key: keys::TRUST_BUNDLE.into(),
+            value: next.bundle_pem().into_bytes(),
+            lease: 0,
+        },
+    ];
+    let compare = Compare::ModRevision {
+        key: keys::CA_ROOT.into(),
+        equals: kv.mod_revision,
+    };
+    let outcome = store
+        .txn(vec![compare], ops)
+        .await
+        .map_err(|e| format!("storing the new root: {e}"))?;
+    if !outcome.succeeded {
+        return Err("the CA root changed meanwhile (another rotation?); try again".into());
+    }
+    Ok(next)
+}
+
+/// Stops trusting the roots a rotation replaced.
+pub async fn retire(store: &dyn Store, trust_domain: &str) -> Result<Ca, String> {
+    let current = Ca::load(store, trust_domain)
+        .await?
+        .ok_or("there is no CA root in the store")?;
+    let next = Ca::from_pem(
+        trust_domain,
+        &current.root_pem,
+        &serialize_key(&current),
+        PreviousRoots::default(),
+    )?;
+    let ops = vec![
+        Op::Delete {
+            key: keys::CA_PREVIOUS.into(),
+        },
+        Op::Put {
+            key: keys::TRUST_BUNDLE.into(),
+            value: next.bundle_pem().into_bytes(),
+            lease: 0,
+        },
+    ];
+    store
+        .txn(Vec::new(), ops)
+        .await
+        .map_err(|e| format!("retiring the previous roots: {e}"))?;
+    Ok(next)
+}
+
+fn serialize_key(ca: &Ca) -> String {
+    ca.issuer.key().serialize_pem()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn make_root(trust_domain: &str) -> Result<(String, String), String> {
@@ -213,6 +437,13 @@ fn make_root(trust_domain: &str) -> Result<(String, String), String> {
         .self_signed(&key)
         .map_err(|e| format!("signing the CA root: {e}"))?;
     Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A certificate's SHA-256 fingerprint, as `openssl x509 -fingerprint -sha256` prints it.
+pub fn fingerprint(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let hex: Vec<String> = digest.as_ref().iter().map(|b| format!("{b:02X}")).collect();
+    hex.join(":")
 }
 
 pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
@@ -256,7 +487,7 @@ mod tests {
     #[test]
     fn issues_spiffe_certificates_and_checks_renewals() {
         let (cert_pem, key_pem) = make_root("example.org").unwrap();
-        let ca = Ca::from_pem("example.org", &cert_pem, &key_pem).unwrap();
+        let ca = Ca::from_pem("example.org", &cert_pem, &key_pem, PreviousRoots::default()).unwrap();
         let key = KeyPair::generate().unwrap();
         let (leaf, _) = ca.issue(&csr(&key), "api", Duration::from_secs(60)).unwrap();
         let der = pem_to_der(&leaf).unwrap();
@@ -273,7 +504,7 @@ mod tests {
             .unwrap_err()
             .contains("key"));
         let (root2, key2) = make_root("example.org").unwrap();
-        let other_ca = Ca::from_pem("example.org", &root2, &key2).unwrap();
+        let other_ca = Ca::from_pem("example.org", &root2, &key2, PreviousRoots::default()).unwrap();
         assert!(other_ca
             .verify_renewal(&leaf, &csr(&key), "api")
             .unwrap_err()

@@ -40,7 +40,7 @@ pub async fn check(
     let mut checks = Vec::new();
     let now = now();
 
-    let root_left = state.ca_root_not_after.map(|t| t.saturating_sub(now));
+    let root_left = state.ca.load().root_not_after().map(|t| t.saturating_sub(now));
     checks.push(match root_left {
         Some(left) if left > ROOT_WARNING_SECS => Check {
             name: "ca",

@@ -221,6 +221,7 @@ impl Session {
                     version: current.version,
                     resources_yaml: bytes::Bytes::new(),
                     resources_yaml_gzip: current.gzip.clone(),
+                    trust_bundle_pem: current.trust_bundle.to_string(),
                 };
                 if tx.send(Ok(snapshot)).await.is_err() {
                     break;

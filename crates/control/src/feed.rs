@@ -14,6 +14,8 @@ pub struct Composed {
     pub yaml: bytes::Bytes,
     /// `yaml` gzip-compressed, once for every stream.
     pub gzip: bytes::Bytes,
+    /// The CA roots proxies trust (PEM); empty before the CA has published them.
+    pub trust_bundle: Arc<str>,
 }
 
 /// The newest snapshot; `None` until the store has been read once.
@@ -58,15 +60,24 @@ async fn follow(store: &dyn Store, tx: &watch::Sender<Option<Arc<Composed>>>) ->
 fn publish(tx: &watch::Sender<Option<Arc<Composed>>>, version: u64, kvs: &[KeyValue]) {
     let resources = compose(kvs);
     let yaml = smesh_model::to_yaml(&resources);
+    let trust_bundle = kvs
+        .iter()
+        .find(|kv| kv.key == keys::TRUST_BUNDLE)
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+        .unwrap_or_default();
     tx.send_if_modified(|current| {
         // Unchanged content (e.g. after a re-read) is not pushed again.
-        if current.as_ref().is_some_and(|c| c.yaml == yaml.as_bytes()) {
+        if current
+            .as_ref()
+            .is_some_and(|c| c.yaml == yaml.as_bytes() && *c.trust_bundle == *trust_bundle)
+        {
             return false;
         }
         *current = Some(Arc::new(Composed {
             version,
             gzip: gzip(yaml.as_bytes()),
             yaml: bytes::Bytes::from(yaml),
+            trust_bundle: Arc::from(trust_bundle),
         }));
         true
     });

@@ -5,7 +5,7 @@
 //! for the same service and key.
 
 use crate::api::{require_token, ApiError, Shared};
-use crate::ca::Ca;
+use crate::ca::{Ca, CaHandle};
 use crate::compose::stored_resources;
 use crate::keys;
 use crate::store::{Compare, Op, Store};
@@ -38,6 +38,9 @@ pub struct IssuedCertificate {
     #[serde(default)]
     pub issued_unix: u64,
     pub renewal: bool,
+    /// The fingerprint of the root that signed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_sha256: Option<String>,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -52,7 +55,7 @@ fn token_key(token: &str) -> String {
 
 pub struct IdentityService {
     pub store: Arc<dyn Store>,
-    pub ca: Arc<Ca>,
+    pub ca: CaHandle,
 }
 
 impl IdentityService {
@@ -106,7 +109,7 @@ impl IdentityService {
         Ok(())
     }
 
-    async fn record(&self, cert_pem: &str, service: &str, not_after: SystemTime, renewal: bool) {
+    async fn record(&self, ca: &Ca, cert_pem: &str, service: &str, not_after: SystemTime, renewal: bool) {
         use x509_parser::prelude::{FromDer, X509Certificate};
         let serial = crate::ca::pem_to_der(cert_pem)
             .and_then(|der| {
@@ -117,11 +120,12 @@ impl IdentityService {
             .unwrap_or_default();
         let issued = IssuedCertificate {
             service: service.to_string(),
-            spiffe_id: crate::ca::spiffe_id(&self.ca.trust_domain, service),
+            spiffe_id: crate::ca::spiffe_id(&ca.trust_domain, service),
             serial: serial.clone(),
             not_after_unix: unix(not_after),
             issued_unix: unix(SystemTime::now()),
             renewal,
+            root_sha256: Some(ca.root_fingerprint()),
         };
         let ttl = not_after
             .duration_since(SystemTime::now())
@@ -149,14 +153,14 @@ impl Identity for IdentityService {
                 req.service
             )));
         }
+        let ca = self.ca.load_full();
         let renewal = match &req.proof {
             Some(certify_request::Proof::JoinToken(token)) => {
                 self.spend_token(token, &req.service).await?;
                 false
             }
             Some(certify_request::Proof::CurrentCertPem(cert)) => {
-                self.ca
-                    .verify_renewal(cert, &req.csr_pem, &req.service)
+                ca.verify_renewal(cert, &req.csr_pem, &req.service)
                     .map_err(Status::permission_denied)?;
                 true
             }
@@ -167,16 +171,15 @@ impl Identity for IdentityService {
             }
         };
         let ttl = self.certificate_ttl().await;
-        let (cert_pem, not_after) = self
-            .ca
+        let (cert_pem, not_after) = ca
             .issue(&req.csr_pem, &req.service, ttl)
             .map_err(Status::invalid_argument)?;
-        self.record(&cert_pem, &req.service, not_after, renewal).await;
+        self.record(&ca, &cert_pem, &req.service, not_after, renewal).await;
         tracing::info!(service = %req.service, renewal, ttl = ?ttl, "certificate issued");
         Ok(Response::new(CertifyResponse {
             cert_chain_pem: cert_pem,
-            trust_bundle_pem: self.ca.root_pem.clone(),
-            spiffe_id: crate::ca::spiffe_id(&self.ca.trust_domain, &req.service),
+            trust_bundle_pem: ca.bundle_pem(),
+            spiffe_id: crate::ca::spiffe_id(&ca.trust_domain, &req.service),
             not_after_unix: unix(not_after),
         }))
     }

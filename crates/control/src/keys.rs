@@ -6,8 +6,14 @@ pub const RESOURCES: &str = "/mesh/resources/";
 pub const REGISTRY: &str = "/mesh/registry/";
 pub const PROXIES: &str = "/status/proxies/";
 pub const KV: &str = "/kv/";
-/// The CA root (certificate and key). Nothing serves this prefix.
+/// The CA's state. Nothing serves this prefix.
+pub const CA: &str = "/ca/";
+/// The CA root (certificate and key) that signs.
 pub const CA_ROOT: &str = "/ca/root";
+/// Roots replaced by a rotation and still trusted (certificates only).
+pub const CA_PREVIOUS: &str = "/ca/previous";
+/// The public trust bundle (every trusted root), pushed to proxies with their configuration.
+pub const TRUST_BUNDLE: &str = "/mesh/trust-bundle";
 /// Join tokens, by the SHA-256 of the token (the token itself is never stored).
 pub const TOKENS: &str = "/tokens/";
 /// Certificates issued, for `smesh get certificates`.

@@ -15,6 +15,7 @@ pub mod keys;
 pub mod kv;
 pub mod listener;
 pub mod registry;
+pub mod rotation;
 pub mod store;
 pub mod tls;
 
@@ -134,18 +135,38 @@ async fn serve(options: ControlOptions) -> Result<(), String> {
         }
         None => None,
     };
-    let ca = Arc::new(ca::Ca::load_or_create(store.as_ref(), &options.trust_domain, given_ca).await?);
-    let ca_root_not_after = ca.root_not_after();
-    if let Some(dir) = &data_dir {
-        write_trust_bundle(&dir.join("ca.pem"), &ca.root_pem)?;
+    let first = ca::Ca::load_or_create(store.as_ref(), &options.trust_domain, given_ca).await?;
+    let from_files = first.from_files;
+    let ca: ca::CaHandle = Arc::new(arc_swap::ArcSwap::from_pointee(first));
+    let bundle_file = data_dir.as_ref().map(|dir| dir.join("ca.pem"));
+    if let Some(file) = &bundle_file {
+        write_trust_bundle(file, &ca.load().bundle_pem())?;
     }
     let tls = match &options.tls {
-        Some(serving) => Some(tls::server_config(ca.clone(), serving)?),
+        Some(serving) => {
+            let tls = tls::ControlTls::new(&ca.load(), serving)?;
+            tls.clone().keep_fresh(ca.clone());
+            Some(tls)
+        }
         None => {
             tracing::warn!("the control plane serves plaintext: proxies are not authenticated (use --tls)");
             None
         }
     };
+    // A rotation (through any replica) reaches the signer, the TLS listener and ca.pem.
+    if !from_files {
+        let tls = tls.clone();
+        ca::follow(store.clone(), ca.clone(), move |ca| {
+            if let Some(tls) = &tls {
+                tls.ca_changed(ca);
+            }
+            if let Some(file) = &bundle_file {
+                if let Err(e) = write_trust_bundle(file, &ca.bundle_pem()) {
+                    tracing::error!(error = %e, "cannot update the trust bundle file");
+                }
+            }
+        });
+    }
     let discovery = discovery::DiscoveryService {
         store: store.clone(),
         feed,
@@ -155,20 +176,17 @@ async fn serve(options: ControlOptions) -> Result<(), String> {
     };
     let identity = identity::IdentityService {
         store: store.clone(),
-        ca,
+        ca: ca.clone(),
     };
     let grpc = tonic::service::Routes::new(smesh_api::v1::discovery_server::DiscoveryServer::new(discovery))
         .add_service(smesh_api::v1::identity_server::IdentityServer::new(identity))
         .into_axum_router();
-    let app = grpc.merge(api::routes(Arc::new(api::ApiState {
-        store,
-        token,
-        ca_root_not_after,
-    })));
+    let app = grpc.merge(api::routes(Arc::new(api::ApiState { store, token, ca })));
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(listen = %options.listen, store = %options.store, scheme, "smesh control ready");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Proxy streams never end by themselves: open requests get a moment, then go.
+    let tls = tls.map(|t| t.config.clone());
     let server = tokio::spawn(listener::serve(listener, app, tls, stop_rx, Duration::from_secs(2)));
     shutdown_signal().await;
     tracing::info!("shutting down");

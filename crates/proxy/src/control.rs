@@ -127,8 +127,29 @@ impl ControlClient {
         }
     }
 
+    /// Trusts the roots the control plane pushes (a CA rotation adds one, a retirement
+    /// removes the old): every TLS configuration is rebuilt with them.
+    fn apply_trust_bundle(&self, bundle: &str) {
+        let Some(current) = self.identity.load_full() else {
+            return;
+        };
+        if bundle.is_empty() || current.bundle_pem == bundle {
+            return;
+        }
+        match current.with_bundle(bundle) {
+            Ok(next) => {
+                self.identity.store(Some(Arc::new(next)));
+                tracing::info!(roots = next_roots(bundle), "trust bundle updated");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "trust bundle from the control plane rejected; keeping the previous one")
+            }
+        }
+    }
+
     /// Validates and installs a snapshot; the ack says whether it was taken.
     fn apply(&mut self, snapshot: ConfigSnapshot) -> Ack {
+        self.apply_trust_bundle(&snapshot.trust_bundle_pem);
         let version = snapshot.version;
         let nack = |error: String| {
             tracing::error!(version, %error, "configuration from the control plane rejected; keeping the previous one");
@@ -172,6 +193,10 @@ impl ControlClient {
             }
         }
     }
+}
+
+fn next_roots(bundle: &str) -> usize {
+    bundle.matches("-----BEGIN CERTIFICATE-----").count()
 }
 
 /// The snapshot's YAML, decompressed if it came gzip-compressed; never more than `limit`

@@ -39,12 +39,22 @@ impl ControlTrust {
         Ok(ControlTrust { roots: Arc::new(roots) })
     }
 
-    /// A client configuration for the control plane, with this identity if any.
+    /// A client configuration for the control plane, with this identity if any. The mesh
+    /// roots the identity trusts count too: after a CA rotation the control plane's own
+    /// certificate comes from a root `--control-ca` may not have.
     pub fn client_config(&self, identity: Option<&MeshTls>, alpn: &[u8]) -> Result<Arc<ClientConfig>, String> {
+        let roots = match identity {
+            Some(id) => {
+                let mut all = (*self.roots).clone();
+                all.roots.extend(id.roots.roots.iter().cloned());
+                Arc::new(all)
+            }
+            None => self.roots.clone(),
+        };
         let builder = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| e.to_string())?
-            .with_root_certificates(self.roots.clone());
+            .with_root_certificates(roots);
         let mut config = match identity {
             Some(id) => builder
                 .with_client_auth_cert(id.chain.clone(), id.key.clone_key())

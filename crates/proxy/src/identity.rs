@@ -33,6 +33,9 @@ pub struct MeshTls {
     /// The certificate chain and key, for other clients (the control-plane connection).
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
+    /// The CA roots this identity trusts, as received and parsed.
+    pub bundle_pem: String,
+    pub roots: Arc<RootCertStore>,
     /// Requires a client certificate from this CA.
     pub server: Arc<ServerConfig>,
     pub client_h2: Arc<ClientConfig>,
@@ -65,14 +68,27 @@ fn build(
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("certificate: {e}"))?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    build_from(spiffe_id, chain, bundle_pem, key, not_after)
+}
+
+fn build_from(
+    spiffe_id: String,
+    chain: Vec<CertificateDer<'static>>,
+    bundle_pem: &str,
+    key: PrivateKeyDer<'static>,
+    not_after: SystemTime,
+) -> Result<MeshTls, String> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
         roots
             .add(cert.map_err(|e| format!("trust bundle: {e}"))?)
             .map_err(|e| format!("trust bundle: {e}"))?;
     }
+    if roots.is_empty() {
+        return Err("trust bundle: no certificate".into());
+    }
     let roots = Arc::new(roots);
-    let key_der = || PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
         .build()
         .map_err(|e| format!("client verifier: {e}"))?;
@@ -80,7 +96,7 @@ fn build(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain.clone(), key_der())
+        .with_single_cert(chain.clone(), key.clone_key())
         .map_err(|e| format!("server config: {e}"))?;
     server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TCP.to_vec()];
     let client = |alpn: &[u8]| -> Result<Arc<ClientConfig>, String> {
@@ -88,7 +104,7 @@ fn build(
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots.clone())
-            .with_client_auth_cert(chain.clone(), key_der())
+            .with_client_auth_cert(chain.clone(), key.clone_key())
             .map_err(|e| format!("client config: {e}"))?;
         c.alpn_protocols = vec![alpn.to_vec()];
         Ok(Arc::new(c))
@@ -98,12 +114,27 @@ fn build(
         spiffe_id,
         not_after,
         chain,
-        key: key_der(),
+        key,
+        bundle_pem: bundle_pem.to_string(),
+        roots,
         server: Arc::new(server),
         client_h2,
         client_http1,
         client_tcp,
     })
+}
+
+impl MeshTls {
+    /// The same identity trusting another set of roots (a CA rotation's bundle).
+    pub fn with_bundle(&self, bundle_pem: &str) -> Result<MeshTls, String> {
+        build_from(
+            self.spiffe_id.clone(),
+            self.chain.clone(),
+            bundle_pem,
+            self.key.clone_key(),
+            self.not_after,
+        )
+    }
 }
 
 /// The SPIFFE ID in a peer's certificate (its URI SAN), once the handshake verified it.
