@@ -188,6 +188,50 @@ def test_strict_refuses_plaintext_and_foreign_certificates_permissive_accepts_pl
     assert metric_sum(api.metrics(), "smesh_proxy_errors_total", reason="plaintext refused") >= 1
 
 
+TLS_ECHO = """
+import socket, ssl, sys, threading
+cert, key, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv = socket.create_server(("127.0.0.1", port))
+def serve(conn):
+    try:
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            while data := tls.recv(4096):
+                tls.sendall(b"app-tls:" + data)
+    except (OSError, ssl.SSLError):
+        pass
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+
+def test_application_tls_reaches_the_app_untouched_in_permissive_mode(run):
+    """A client speaking its own TLS to a proxy that has a mesh identity gets the app's
+    certificate and the app's answers: only ClientHellos naming the proxy's mesh identity
+    are terminated by the proxy."""
+    import ssl
+    import sys
+    cert, key = os.path.join(run.workdir, "app.crt"), os.path.join(run.workdir, "app.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=app.example",
+                    "-addext", "subjectAltName=DNS:app.example"], check=True, capture_output=True, timeout=30)
+    port = free_port()
+    app = run.spawn([sys.executable, "-c", TLS_ECHO, cert, key, str(port)], "tls-app")
+    run._wait_listening(app, port, "TLS echo app")
+    cp = control(run)
+    api = run.mesh_proxy([cp.url], service="api", app_port=port, name="api-proxy",
+                         extra_args=["--token-file", token_file(run, cp, "api")])
+    assert metric_sum(api.metrics(), "smesh_identity_certifications_total", result="ok") == 1
+
+    ctx = ssl.create_default_context(cafile=cert)
+    with socket.create_connection((LOOPBACK, api.inbound), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="app.example") as tls:
+            tls.sendall(b"marker-7")
+            assert tls.recv(4096) == b"app-tls:marker-7"
+
+
 @pytest.mark.timeout(90)
 def test_join_tokens_are_bound_single_use_and_expire(run):
     cp = control(run)

@@ -48,6 +48,29 @@ fn classify(buf: &[u8]) -> Option<Detected> {
     }
 }
 
+/// Reads the rest of the first TLS record (the whole ClientHello) into `prefix`, so it can
+/// be looked at before deciding who terminates the TLS. Gives up quietly (leaving what it
+/// has) at `timeout`, at end of stream, or past the largest record TLS allows.
+pub async fn complete_tls_record<T: AsyncRead + Unpin>(io: &mut T, prefix: Bytes, timeout: Duration) -> Bytes {
+    const MAX_RECORD: usize = 5 + (1 << 14);
+    let wanted = |buf: &[u8]| match buf.get(3..5) {
+        Some(len) => 5 + usize::from(u16::from_be_bytes([len[0], len[1]])),
+        None => 5,
+    };
+    if prefix.len() >= wanted(&prefix) {
+        return prefix;
+    }
+    let mut buf = BytesMut::from(prefix.as_ref());
+    let deadline = tokio::time::Instant::now() + timeout;
+    while buf.len() < wanted(&buf).min(MAX_RECORD) {
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => break,
+        }
+    }
+    buf.freeze()
+}
+
 /// Reads until the protocol is known. A client that sends nothing within `timeout` is
 /// treated as opaque TCP (server-speaks-first protocols). `Ok(None)`: closed before a byte.
 pub async fn detect<T: AsyncRead + Unpin>(io: &mut T, timeout: Duration) -> io::Result<Option<(Detected, Bytes)>> {

@@ -137,6 +137,21 @@ impl MeshTls {
     }
 }
 
+impl MeshTls {
+    /// Whether a ClientHello (the first TLS record, as received) is a peer proxy's: mesh
+    /// clients name this identity's DNS SAN as the server. Anything else is an
+    /// application's own TLS. `None`: the record is incomplete or not a ClientHello.
+    pub fn is_mesh_hello(&self, record: &[u8]) -> Option<bool> {
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut reader = record;
+        acceptor.read_tls(&mut reader).ok()?;
+        let accepted = acceptor.accept().ok()??;
+        let ours = server_name(&self.spiffe_id)?;
+        let sni = accepted.client_hello().server_name().map(str::to_string);
+        Some(sni.as_deref() == Some(ours.to_str().as_ref()))
+    }
+}
+
 /// The SPIFFE ID in a peer's certificate (its URI SAN), once the handshake verified it.
 pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<String> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};

@@ -4,7 +4,7 @@
 
 use crate::access_log::AccessLog;
 use crate::balance::Balancer;
-use crate::detect::{detect, Detected, PrefixedIo};
+use crate::detect::{complete_tls_record, detect, Detected, PrefixedIo};
 use crate::http::{HttpProxy, Target};
 use crate::identity::{MeshTls, TlsHandle};
 use crate::metrics::Metrics;
@@ -176,11 +176,18 @@ impl Connection {
                 }
             }
         };
-        let io = PrefixedIo::new(prefix, stream);
+        let mut prefix = prefix;
         if matches!(self.spec.target, Target::Inbound(_)) {
             let strict = self.shared.config.load().mtls == smesh_model::MtlsMode::Strict;
             match (protocol, self.shared.tls.load_full()) {
-                (Detected::Tls, Some(tls)) => return self.serve_mesh(io, tls, stop).await,
+                (Detected::Tls, Some(tls)) => {
+                    // A peer proxy's ClientHello names this proxy's identity; an app's own
+                    // TLS (permissive mode only) goes to the app untouched.
+                    prefix = complete_tls_record(&mut stream, prefix, limits.detect_timeout).await;
+                    if strict || tls.is_mesh_hello(&prefix) != Some(false) {
+                        return self.serve_mesh(PrefixedIo::new(prefix, stream), tls, stop).await;
+                    }
+                }
                 (_, _) if strict => {
                     // Strict mTLS: nothing but mesh TLS from peers on the inbound port.
                     self.shared
@@ -192,6 +199,7 @@ impl Connection {
                 _ => {}
             }
         }
+        let io = PrefixedIo::new(prefix, stream);
         match protocol {
             Detected::Http1 => self.serve_http(io, false, None, stop).await,
             Detected::Http2 => self.serve_http(io, true, None, stop).await,
