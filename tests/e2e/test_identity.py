@@ -232,6 +232,39 @@ def test_application_tls_reaches_the_app_untouched_in_permissive_mode(run):
             assert tls.recv(4096) == b"app-tls:marker-7"
 
 
+MIRRORED = """apiVersion: smesh.io/v1
+kind: Service
+metadata: {name: shadow}
+spec: {ports: [{port: 80, protocol: http}]}
+---
+apiVersion: smesh.io/v1
+kind: HTTPRoute
+metadata: {name: api-mirrored}
+spec:
+  parentRefs: [{name: api}]
+  rules:
+  - filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: shadow}, percent: 100}
+"""
+
+
+def test_mirrors_reach_a_meshed_shadow_over_mtls_in_strict_mode(run):
+    cp = control(run)
+    apply(cp, API + "---\n" + MESH % "mtls: strict" + "---\n" + MIRRORED)
+    api, api_app = meshed(run, cp, "api", token_file(run, cp, "api"))
+    shadow, shadow_app = meshed(run, cp, "shadow", token_file(run, cp, "shadow"))
+    web, _ = meshed(run, cp, "web", token_file(run, cp, "web"))
+    wait_until(lambda: web.config_text().count("spiffe://") >= 3, 15, what="web's config with identities")
+    for i in range(20):
+        r = http_request(web.outbound, f"/m{i}", host="api")
+        assert r.status == 200, r
+    wait_until(lambda: shadow_app.stats()["requests"] == 20, 10, what="every mirror at the shadow")
+    # Over mTLS: the shadow's proxy saw an authenticated peer, and refused no plaintext.
+    assert metric_sum(shadow.metrics(), "smesh_proxy_errors_total", reason="plaintext refused") == 0
+    assert metric_sum(web.metrics(), "smesh_mirror_requests_total", service="shadow", result="sent") == 20
+
+
 @pytest.mark.timeout(90)
 def test_join_tokens_are_bound_single_use_and_expire(run):
     cp = control(run)

@@ -152,9 +152,15 @@ impl Filters {
     }
 
     /// Sends the configured mirrors of this request (fire-and-forget).
-    pub fn mirror(&self, parts: &Parts, body: Option<&Bytes>, connect_timeout: Duration) {
+    pub fn mirror(
+        &self,
+        parts: &Parts,
+        body: Option<&Bytes>,
+        connect_timeout: Duration,
+        mesh_tls: Option<&Arc<crate::identity::MeshTls>>,
+    ) {
         for m in &self.mirrors {
-            m.send(parts, body, connect_timeout);
+            m.send(parts, body, connect_timeout, mesh_tls);
         }
     }
 

@@ -52,7 +52,7 @@ pub struct HttpProxy {
 
 /// Set by the outbound proxy on requests it carries over the mesh's HTTP/2 when the client
 /// spoke HTTP/1, so the inbound proxy speaks HTTP/1 to its app again.
-const ORIG_PROTO: header::HeaderName = header::HeaderName::from_static("smesh-orig-proto");
+pub(crate) const ORIG_PROTO: header::HeaderName = header::HeaderName::from_static("smesh-orig-proto");
 
 type Failure = (ProxyError, String);
 
@@ -220,15 +220,15 @@ impl HttpProxy {
             streamed = Some(Body::Streaming(incoming));
         }
 
+        let mesh_tls = self.shared.tls.load_full();
         if let Some(filters) = &rule.filters {
-            filters.mirror(&parts, replay.as_ref(), limits.connect_timeout);
+            filters.mirror(&parts, replay.as_ref(), limits.connect_timeout, mesh_tls.as_ref());
         }
         // An inbound request that crossed the mesh as HTTP/2 says what its client spoke.
         let client_version = match parts.headers.remove(&ORIG_PROTO) {
             Some(v) if v.as_bytes() == b"HTTP/1.1" => Version::HTTP_11,
             _ => parts.version,
         };
-        let mesh_tls = self.shared.tls.load_full();
         // The request head is moved into the first try; it is copied only when a retry may
         // need it again, and handed back by a failed connect.
         let mut head = Some(parts);

@@ -5,10 +5,10 @@
 
 use crate::balance::{Balancer, InFlight};
 use crate::body::Body;
-use crate::http::{build_request, upstream_version};
+use crate::http::{build_request, upstream_version, ORIG_PROTO};
 use bytes::Bytes;
 use http::request::Parts;
-use http::Request;
+use http::{Request, Version};
 use http_body_util::BodyExt;
 use prometheus::IntCounter;
 use smesh_model::Protocol;
@@ -66,8 +66,15 @@ impl Drop for Slot {
 }
 
 impl Mirror {
-    /// Maybe sends a copy of the request (head as it will be forwarded, body if kept).
-    pub fn send(&self, head: &Parts, body: Option<&Bytes>, connect_timeout: Duration) {
+    /// Maybe sends a copy of the request (head as it will be forwarded, body if kept). A
+    /// shadow behind a smesh proxy is reached over mesh mTLS, as the primary is.
+    pub fn send(
+        &self,
+        head: &Parts,
+        body: Option<&Bytes>,
+        connect_timeout: Duration,
+        mesh_tls: Option<&Arc<crate::identity::MeshTls>>,
+    ) {
         if !crate::fault::chance(self.fraction) {
             return;
         }
@@ -83,11 +90,20 @@ impl Mirror {
             self.counters.dropped.inc();
             return;
         };
-        let version = upstream_version(self.protocol, head.version, false);
+        let app_version = upstream_version(self.protocol, head.version, false);
+        let mesh = mesh_tls.zip(endpoint.server_name.clone()).map(|(tls, name)| crate::pool::Mesh {
+            client: tls.client_h2.clone(),
+            name,
+        });
+        let version = if mesh.is_some() { Version::HTTP_2 } else { app_version };
         let mut req = Request::new(());
         *req.method_mut() = head.method.clone();
         *req.uri_mut() = head.uri.clone();
         *req.headers_mut() = head.headers.clone();
+        if mesh.is_some() && app_version != Version::HTTP_2 {
+            req.headers_mut()
+                .insert(ORIG_PROTO, http::HeaderValue::from_static("HTTP/1.1"));
+        }
         let (parts, ()) = req.into_parts();
         let req = build_request(parts, version, Body::full(body.clone()));
         let counters = self.counters.clone();
@@ -95,7 +111,7 @@ impl Mirror {
             let _slot = slot;
             let in_flight = InFlight::start(&endpoint);
             let exchange = async {
-                let resp = crate::pool::send(endpoint.addr, version, req, connect_timeout, false, None)
+                let resp = crate::pool::send(endpoint.addr, version, req, connect_timeout, false, mesh)
                     .await
                     .map_err(|_| ())?;
                 in_flight.answered();
