@@ -91,10 +91,12 @@ impl Mirror {
             return;
         };
         let app_version = upstream_version(self.protocol, head.version, false);
-        let mesh = mesh_tls.zip(endpoint.server_name.clone()).map(|(tls, name)| crate::pool::Mesh {
-            client: tls.client_h2.clone(),
-            name,
-        });
+        let mesh = mesh_tls
+            .zip(endpoint.server_name.clone())
+            .map(|(tls, name)| crate::pool::Mesh {
+                client: tls.client_h2.clone(),
+                name,
+            });
         let version = if mesh.is_some() { Version::HTTP_2 } else { app_version };
         let mut req = Request::new(());
         *req.method_mut() = head.method.clone();
