@@ -4,49 +4,67 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Version};
 use std::time::Duration;
 
-const HOP_BY_HOP: &[HeaderName] = &[
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers (RFC 9110 7.6.1, plus the legacy `keep-alive` and
+/// `proxy-connection`); `TE` must stay first (see below).
+const HOP_BY_HOP: [HeaderName; 10] = [
+    header::TE,
     header::CONNECTION,
     header::TRANSFER_ENCODING,
-    header::TE,
     header::TRAILER,
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
     header::PROXY_AUTHENTICATE,
     header::EXPECT,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
 ];
 
 /// Removes hop-by-hop headers (and those named in `Connection`). `te: trailers` is kept
 /// because gRPC needs it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names (standard names compare cheaply)
-    // is cheaper than a hash lookup per hop-by-hop name.
-    let present = headers
-        .keys()
-        .any(|name| HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection");
-    if !present {
+    // One pass over the names finds which are present (most messages carry none, or only
+    // `Connection: keep-alive`); only those are looked up and removed.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    if present & (1 << 1) != 0 {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // The usual tokens name nothing to remove beyond the list above.
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
     }
-    let keep_te = headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in HOP_BY_HOP {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) == 0 {
+            continue;
+        }
+        // `te: trailers` stays (gRPC needs it end to end); any other TE goes.
+        if i == 0
+            && headers
+                .get(header::TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+            && headers.get_all(header::TE).iter().count() == 1
+        {
+            continue;
+        }
         headers.remove(name);
-    }
-    for name in ["keep-alive", "proxy-connection"] {
-        headers.remove(name);
-    }
-    if keep_te {
-        headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
     }
 }
 
@@ -124,5 +142,16 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert!(!h.contains_key("x-private") && !h.contains_key("connection"));
         assert!(h.contains_key("te") && h.contains_key("x-keep"));
+
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("proxy-connection", "keep-alive".parse().unwrap());
+        h.insert("te", "gzip".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("content-type", "text/plain".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("content-type"));
     }
 }
