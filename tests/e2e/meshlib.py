@@ -172,13 +172,15 @@ class Runner:
             return can_connect(port)
         wait_until(ready, timeout, what=f"{what} on port {port}")
 
-    def http_backend(self, name, delay=0.0, flaky=False):
+    def http_backend(self, name, delay=0.0, flaky=False, max_concurrent=None):
         port = free_port()
         cmd = [sys.executable, SERVERS_PY, "http", "--port", port, "--name", name]
         if delay:
             cmd += ["--delay", delay]
         if flaky:
             cmd += ["--flaky"]
+        if max_concurrent:
+            cmd += ["--max-concurrent", max_concurrent]
         p = self.spawn(cmd, f"http-{name}")
         self._wait_listening(p, port, f"http backend {name}")
         return HttpBackend(name, port, p)

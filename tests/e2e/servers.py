@@ -13,7 +13,10 @@ HTTP backend (HTTP/1.1, keep-alive, one thread per connection):
   * query `delay=SECONDS` sleeps before answering, `status=CODE` answers that status;
   * `--delay` adds a fixed delay to every request;
   * `--flaky` answers 503 to every other request (1st, 3rd, 5th, ...), 200 to the others;
-  * GET /__stats answers {"requests": n, "inflight": k, "statuses": {...}} (not counted);
+  * `--max-concurrent N` works on (sleeps for) at most N requests at once, the others wait
+    their turn in arrival order: a slow upstream with bounded capacity;
+  * GET /__stats answers {"requests": n, "inflight": k, "peak_inflight": m, "statuses": {...}}
+    (not counted);
   * GET /__reset sets the counters back to zero.
 
 TCP echo: echoes every byte as it arrives; when the client half-closes (EOF) it sends
@@ -40,12 +43,14 @@ class Stats:
         with getattr(self, "lock", threading.Lock()):
             self.requests = 0
             self.inflight = 0
+            self.peak_inflight = 0
             self.statuses = {}
 
 
 def run_http(args):
     stats = Stats()
     name = args.name
+    workers = threading.Semaphore(args.max_concurrent) if args.max_concurrent else None
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -72,7 +77,7 @@ def run_http(args):
             if url.path == "/__stats":
                 with stats.lock:
                     out = {"requests": stats.requests, "inflight": stats.inflight,
-                           "statuses": dict(stats.statuses)}
+                           "peak_inflight": stats.peak_inflight, "statuses": dict(stats.statuses)}
                 return self._send(200, json.dumps(out))
             if url.path == "/__reset":
                 stats.reset()
@@ -94,9 +99,13 @@ def run_http(args):
                 stats.requests += 1
                 n = stats.requests
                 stats.inflight += 1
+                stats.peak_inflight = max(stats.peak_inflight, stats.inflight)
             try:
                 delay = args.delay + float(q.get("delay", ["0"])[0])
-                if delay > 0:
+                if workers:
+                    with workers:
+                        time.sleep(delay)
+                elif delay > 0:
                     time.sleep(delay)
                 status = int(q.get("status", ["200"])[0])
                 if args.flaky and n % 2 == 1:
@@ -177,6 +186,7 @@ def main():
     h.add_argument("--name", required=True)
     h.add_argument("--delay", type=float, default=0.0)
     h.add_argument("--flaky", action="store_true")
+    h.add_argument("--max-concurrent", type=int, default=0)
     t = sub.add_parser("tcp-echo")
     t.add_argument("--port", type=int, required=True)
     t.add_argument("--banner", default="")

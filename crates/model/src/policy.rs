@@ -1,6 +1,7 @@
 //! `BackendPolicy`: per-Service resilience settings applied by every proxy that sends to the
-//! Service (circuit breaking, outlier detection, the retry budget, active health checks), and
-//! one applied by the Service's own proxies to what they let in (`rateLimit`).
+//! Service (circuit breaking, outlier detection, the retry budget, active health checks,
+//! adaptive concurrency), and one applied by the Service's own proxies to what they let in
+//! (`rateLimit`).
 
 use crate::duration;
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,9 @@ pub struct BackendPolicySpec {
     /// Enforced on the inbound side by the proxies registered for the Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<crate::ServiceRateLimit>,
+    /// A concurrency limit learned from latency; sheds the lowest priority first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_concurrency: Option<Box<crate::AdaptiveConcurrency>>,
 }
 
 /// Envoy-style thresholds, counted per proxy across its workers. Unset: no limit.
@@ -241,6 +245,9 @@ pub fn validate_backend_policy(p: &BackendPolicy, services: &HashSet<&str>, fail
     }
     if let Some(r) = &spec.rate_limit {
         crate::ratelimit::validate_service_rate_limit("spec.rateLimit", r, fail);
+    }
+    if let Some(a) = &spec.adaptive_concurrency {
+        crate::qos::validate_adaptive_concurrency("spec.adaptiveConcurrency", a, fail);
     }
     if let Some(b) = &spec.retry_budget {
         if let Some(r) = b.ratio.filter(|r| !(0.0..=1000.0).contains(r)) {

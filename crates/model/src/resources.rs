@@ -164,6 +164,11 @@ pub struct HttpRouteRule {
     /// Applied in order (see `crate::filters`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<crate::HttpRouteFilter>,
+    /// The priority of the rule's requests when an upstream sheds load (see
+    /// `crate::AdaptiveConcurrency`); also the highest an `smesh-priority` header may claim.
+    /// Unset: the header decides, default `normal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<crate::Priority>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -22,13 +22,15 @@ pub enum ProxyError {
     CircuitOpen,
     /// A RateLimit filter's bucket was empty (429 with `retry-after`).
     RateLimited,
+    /// The upstream's adaptive concurrency limit had no room for the request's priority.
+    LoadShed,
 }
 
 impl ProxyError {
     pub fn status(self) -> StatusCode {
         match self {
             ProxyError::UnknownAuthority | ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoEndpoints | ProxyError::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoints | ProxyError::CircuitOpen | ProxyError::LoadShed => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectFailed | ProxyError::UpstreamFailed => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest => StatusCode::BAD_REQUEST,
@@ -52,6 +54,7 @@ impl ProxyError {
             ProxyError::Forbidden => "forbidden",
             ProxyError::CircuitOpen => "circuit open",
             ProxyError::RateLimited => "rate limited",
+            ProxyError::LoadShed => "load shed",
         }
     }
 
@@ -90,5 +93,21 @@ impl ProxyError {
         };
         resp.headers_mut().insert(PROXY_ERROR_HEADER, reason);
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_shed_is_a_503_or_unavailable() {
+        let r = ProxyError::LoadShed.response("sheddable", false);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[PROXY_ERROR_HEADER], "load shed");
+        let g = ProxyError::LoadShed.response("sheddable", true);
+        assert_eq!(g.status(), StatusCode::OK);
+        assert_eq!(g.headers()["grpc-status"], "14");
+        assert_eq!(g.headers()["grpc-message"], "load shed: sheddable");
     }
 }

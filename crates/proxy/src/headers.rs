@@ -9,7 +9,7 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 
 /// Hop-by-hop headers (RFC 9110 7.6.1, plus the legacy `keep-alive` and
 /// `proxy-connection`); `TE` must stay first (see below).
-const HOP_BY_HOP: [HeaderName; 10] = [
+static HOP_BY_HOP: [HeaderName; 10] = [
     header::TE,
     header::CONNECTION,
     header::TRANSFER_ENCODING,

@@ -238,9 +238,21 @@ impl HttpProxy {
             // A retry avoids the endpoint that just failed when another one is left.
             let mut avoid: Option<SocketAddr> = None;
             let mut _retry_permit = None;
+            let mut priority = None;
             loop {
                 let backend = rule.backend();
                 let version = upstream_version(backend.protocol, client_version, upgrade);
+                // BackendPolicy adaptive concurrency: room for this request's priority, or a
+                // fast 503 (load shedding).
+                let mut shed_permit = match backend.policy.as_ref().filter(|p| p.shed.is_some()) {
+                    Some(p) => {
+                        let priority = *priority.get_or_insert_with(|| {
+                            crate::shed::request_priority(head.as_ref().map(|h| &h.headers), rule.priority)
+                        });
+                        p.shed(priority).map_err(|detail| (ProxyError::LoadShed, detail))?
+                    }
+                    None => None,
+                };
                 // BackendPolicy circuit breaker: a slot for this try, or 503 at once.
                 let _permit = match &backend.policy {
                     Some(p) => p
@@ -323,6 +335,10 @@ impl HttpProxy {
                 };
                 if let Some(p) = &backend.policy {
                     p.observe(&endpoint, crate::policy::outcome_status(&outcome));
+                }
+                // An answer or a per-try timeout tells the concurrency limit the latency.
+                if let Some(permit) = shed_permit.take().filter(|_| matches!(outcome, Some(Ok(_)) | None)) {
+                    permit.answered();
                 }
                 // Whether the route's retry policy and the BackendPolicy allow another try.
                 let mut may_retry = |status: u16| {

@@ -33,6 +33,7 @@ pub mod ratelimit;
 pub mod reload;
 pub mod route;
 pub mod server;
+pub mod shed;
 pub mod snapshot;
 pub mod tcp;
 

@@ -1,13 +1,15 @@
 //! A Service's `BackendPolicy` as the request path uses it: the circuit breaker, outlier
-//! detector and retry budget, and the metrics of these layers. A Service without a policy
-//! has none of this (`WeightedBackend::policy` is `None`).
+//! detector, retry budget and adaptive concurrency limit, and the metrics of these layers. A
+//! Service without a policy has none of this (`WeightedBackend::policy` is `None`).
 
 use crate::balance::{Balancer, Endpoint};
 use crate::budget::RetryBudget;
 use crate::circuit::{CircuitBreaker, Overflow, Overflows, Permit, RetryPermit};
 use crate::outlier::OutlierDetector;
 use crate::pool::SendError;
+use crate::shed::{ConcurrencyLimiter, ShedMetrics};
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use smesh_model::Priority;
 use std::sync::Arc;
 
 /// Families for the resilience layers, registered with the proxy's other metrics.
@@ -18,6 +20,9 @@ pub struct ResilienceMetrics {
     pub faults: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub rate_limit_share: GaugeVec,
+    pub load_shed: IntCounterVec,
+    pub concurrency_limit: GaugeVec,
+    pub concurrency_baseline: GaugeVec,
     pub health_checks: IntCounterVec,
     pub unhealthy_endpoints: IntGaugeVec,
 }
@@ -49,9 +54,27 @@ impl ResilienceMetrics {
         .expect("valid metric definition");
         r.register(Box::new(rate_limit_share.clone()))
             .expect("metric registered once");
+        let gauge = |name: &str, help: &str| {
+            let g = GaugeVec::new(Opts::new(name, help), &["service"]).expect("valid metric definition");
+            r.register(Box::new(g.clone())).expect("metric registered once");
+            g
+        };
         ResilienceMetrics {
             unhealthy_endpoints,
             rate_limit_share,
+            load_shed: counter(
+                "smesh_load_shed_total",
+                "Requests refused at once because the upstream's adaptive concurrency limit had no room for their priority.",
+                &["service", "priority"],
+            ),
+            concurrency_limit: gauge(
+                "smesh_adaptive_concurrency_limit",
+                "The adaptive concurrency limit this proxy holds for the service (tries in flight).",
+            ),
+            concurrency_baseline: gauge(
+                "smesh_adaptive_concurrency_baseline_seconds",
+                "The service's no-load latency as the adaptive concurrency limit measures it.",
+            ),
             rate_limited: counter(
                 "smesh_rate_limited_total",
                 "Requests refused by a RateLimit filter (route: the filter's route) or by the Service's BackendPolicy rateLimit (route=\"inbound\").",
@@ -93,6 +116,8 @@ pub struct ServicePolicy {
     pub circuit: Option<Arc<CircuitBreaker>>,
     pub outlier: Option<OutlierDetector>,
     pub budget: Option<Arc<RetryBudget>>,
+    /// The adaptive concurrency limit (load shedding by priority).
+    pub shed: Option<Arc<ConcurrencyLimiter>>,
     skipped_budget: IntCounter,
     skipped_circuit: IntCounter,
 }
@@ -134,6 +159,25 @@ impl ServicePolicy {
                 Some(p) => p.budget.clone(),
                 None => spec.retry_budget.as_ref().map(|b| Arc::new(RetryBudget::new(b))),
             },
+            // The learned limit survives any reload that leaves its settings alone.
+            shed: match previous.and_then(|p| p.shed.as_ref()) {
+                Some(l) if spec.adaptive_concurrency.as_deref() == Some(&l.spec) => Some(l.clone()),
+                _ => spec.adaptive_concurrency.as_ref().map(|a| {
+                    let shed = |p: Priority| m.load_shed.with_label_values(&[service, p.as_str()]);
+                    Arc::new(ConcurrencyLimiter::new(
+                        a,
+                        ShedMetrics {
+                            shed: [
+                                shed(Priority::Critical),
+                                shed(Priority::Normal),
+                                shed(Priority::Sheddable),
+                            ],
+                            limit: m.concurrency_limit.with_label_values(&[service]),
+                            baseline: m.concurrency_baseline.with_label_values(&[service]),
+                        },
+                    ))
+                }),
+            },
             skipped_budget: metrics.retries_skipped.with_label_values(&["budget"]),
             skipped_circuit: metrics.retries_skipped.with_label_values(&["circuit_breaker"]),
         }
@@ -153,6 +197,24 @@ impl ServicePolicy {
                 Err(o) => Err(self.overflow_detail(o)),
             },
             None => Ok(None),
+        }
+    }
+
+    /// Before a try, ahead of the circuit breaker: a slot under the adaptive concurrency
+    /// limit for a request of this priority, or the reason it is shed.
+    pub fn shed(&self, priority: Priority) -> Result<Option<crate::shed::Permit<'_>>, String> {
+        let Some(limiter) = &self.shed else {
+            return Ok(None);
+        };
+        match limiter.admit(priority) {
+            Some(permit) => Ok(Some(permit)),
+            None => Err(format!(
+                "service {:?}: {} request over its share of the concurrency limit {:.1} ({} in flight)",
+                self.service,
+                priority.as_str(),
+                limiter.limit(),
+                limiter.in_flight()
+            )),
         }
     }
 

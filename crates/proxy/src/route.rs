@@ -55,6 +55,8 @@ pub struct Rule {
     pub filters: Option<Box<crate::filters::Filters>>,
     /// RateLimit filters; `None` when the rule has none.
     pub rate_limits: Option<Box<crate::ratelimit::RateLimits>>,
+    /// The rule's `priority` (see `crate::shed::request_priority`).
+    pub priority: Option<smesh_model::Priority>,
 }
 
 impl Rule {
@@ -80,6 +82,7 @@ impl Rule {
             metrics,
             filters: None,
             rate_limits: None,
+            priority: None,
         }
     }
 

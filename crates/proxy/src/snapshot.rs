@@ -255,6 +255,7 @@ impl Snapshot {
                         rule.retry.as_ref().map(RetryPolicy::from),
                         route_metrics.clone(),
                     );
+                    compiled.priority = rule.priority;
                     compiled.filters = crate::filters::Filters::compile(
                         rule,
                         &crate::filters::Context {
@@ -483,5 +484,22 @@ mod tests {
         assert_eq!(limits.limited.get(), 1);
         let grpc = limits.check(&h, ip, None, true).expect("over the share");
         assert_eq!(grpc.headers()["grpc-status"], "8");
+    }
+
+    #[test]
+    fn the_learned_concurrency_limit_survives_reloads_that_keep_its_settings() {
+        let m = Metrics::new();
+        let load = |extra: &str| {
+            let text = format!("apiVersion: smesh.io/v1\nkind: Service\nmetadata: {{name: api}}\nspec: {{endpoints: [{{address: 127.0.0.1:9001}}]}}\n---\napiVersion: smesh.io/v1\nkind: BackendPolicy\nmetadata: {{name: p}}\nspec:\n  targetRef: {{name: api}}\n  adaptiveConcurrency: {{initialLimit: 8}}\n{extra}");
+            smesh_model::load("mesh.yaml", &text).expect("valid")
+        };
+        let limiter = |s: &Snapshot| s.policies["api"].shed.clone().expect("a limiter");
+        let s1 = Snapshot::build(&load(""), &Snapshot::empty(), &m, "outbound");
+        // another part of the policy changes: the limiter (and what it learned) stays
+        let s2 = Snapshot::build(&load("  circuitBreaker: {maxRequests: 100}\n"), &s1, &m, "outbound");
+        assert!(Arc::ptr_eq(&limiter(&s1), &limiter(&s2)));
+        assert_eq!(limiter(&s2).limit(), 8.0);
+        let s3 = Snapshot::build(&load("").into_iter().take(1).collect::<Vec<_>>(), &s2, &m, "outbound");
+        assert!(s3.policies.is_empty());
     }
 }
