@@ -83,6 +83,21 @@ def test_proxy_refuses_to_start_with_bad_file(run, tmp_path, case, text, needles
     _check_message(r.stderr, f, needles)
 
 
+def test_second_proxy_on_the_same_ports_refuses_to_start(run):
+    """SO_REUSEPORT (used for the workers' sockets) must not let a second proxy share a port."""
+    be = run.http_backend("b1")
+    px = run.proxy([service("api", [be.address])])
+    for flag, port in (("--outbound", px.outbound), ("--admin", px.admin)):
+        other = free_port()
+        args = ["--outbound", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{other}"] if flag == "--outbound" \
+            else ["--outbound", f"127.0.0.1:{other}", "--admin", f"127.0.0.1:{port}"]
+        r = subprocess.run([SMESH_BIN, "proxy", "--config", px.config_path, *args], capture_output=True,
+                           text=True, timeout=15, stdin=subprocess.DEVNULL, start_new_session=True)
+        assert r.returncode != 0, f"a second proxy started on {flag} {port}"
+        assert "already in use" in r.stderr, r.stderr
+    _assert_serving(px)
+
+
 # --------------------------------------------------------------------------- runtime robustness
 
 def _assert_serving(px, be_name="b1"):

@@ -174,10 +174,10 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
     // Bind everything up front so an address in use is a start-up error.
     let mut sockets = Vec::new();
     for (addr, _) in &specs {
-        sockets.push(server::bind(*addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?);
+        sockets.push(server::bind_first(*addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?);
     }
     let admin_socket =
-        server::bind(options.admin).map_err(|e| format!("cannot listen on admin {}: {e}", options.admin))?;
+        server::bind_first(options.admin).map_err(|e| format!("cannot listen on admin {}: {e}", options.admin))?;
 
     let (access_log, flusher) = match &options.access_log {
         Some(dest) => {

@@ -68,6 +68,25 @@ pub struct ListenerSpec {
     pub tcp_only: bool,
 }
 
+/// Like [`bind`], but first makes sure nothing is listening there already: SO_REUSEPORT
+/// would otherwise let a second proxy of the same user share the port silently.
+pub fn bind_first(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let mut probe = addr;
+    if probe.ip().is_unspecified() {
+        probe.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    if probe.port() != 0 && std::net::TcpStream::connect_timeout(&probe, Duration::from_millis(200)).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "address already in use (another process is listening on it)",
+        ));
+    }
+    bind(addr)
+}
+
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
