@@ -55,3 +55,24 @@ def test_split_header_pin_and_weight_shift(run):
     assert counts["v1"] + counts["v2"] == done
     after = parallel_requests(px.outbound, 100, threads=4)
     assert {r.header("x-backend") for r in after} == {"v2"}
+
+
+def test_cookie_match_pins_sticky_canary_users(run):
+    """A `cookies` match (smesh's extension to HTTPRoute matches) sends requests carrying
+    canary=1 among their cookies to v2, and nothing else."""
+    v1, v2 = run.http_backend("v1"), run.http_backend("v2")
+    px = run.proxy([
+        service("api", [{"address": v1.address, "labels": {"version": "v1"}},
+                        {"address": v2.address, "labels": {"version": "v2"}}]),
+        http_route("api-route", ["api"], [
+            {"matches": [{"cookies": [{"name": "canary", "value": "1"}]}],
+             "backendRefs": [{"name": "api", "subset": {"version": "v2"}}]},
+            {"backendRefs": [{"name": "api", "subset": {"version": "v1"}}]},
+        ]),
+    ])
+    pinned = parallel_requests(px.outbound, 50, threads=4, headers={"cookie": "session=abc; canary=1"})
+    assert all(r.status == 200 for r in pinned)
+    assert {r.header("x-backend") for r in pinned} == {"v2"}
+    for cookie in ("session=abc; canary=10", "canary1=1", "session=canary=1"):
+        others = parallel_requests(px.outbound, 20, threads=4, headers={"cookie": cookie})
+        assert {r.header("x-backend") for r in others} == {"v1"}, cookie

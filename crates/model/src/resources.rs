@@ -182,6 +182,10 @@ pub struct HttpRouteMatch {
     pub headers: Vec<ValueMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub query_params: Vec<ValueMatch>,
+    /// smesh's own (Gateway API has none): matches a cookie of the `Cookie` header(s) by
+    /// name, exactly or by regular expression, e.g. sticky canaries by a `canary=1` cookie.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cookies: Vec<ValueMatch>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

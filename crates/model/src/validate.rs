@@ -211,10 +211,19 @@ impl Checker<'_> {
                         );
                     }
                 }
-                for (kind, list) in [("headers", &matcher.headers), ("queryParams", &matcher.query_params)] {
+                for (kind, list) in [
+                    ("headers", &matcher.headers),
+                    ("queryParams", &matcher.query_params),
+                    ("cookies", &matcher.cookies),
+                ] {
                     for (h, v) in list.iter().enumerate() {
                         let at = format!("{at}.{kind}[{h}]");
-                        if v.name.is_empty() || (kind == "headers" && http_header_name_invalid(&v.name)) {
+                        let bad_cookie_name = kind == "cookies"
+                            && v.name.bytes().any(|b| !b.is_ascii_graphic() || b"()<>@,;:\\\"/[]?={}".contains(&b));
+                        if v.name.is_empty()
+                            || (kind == "headers" && http_header_name_invalid(&v.name))
+                            || bad_cookie_name
+                        {
                             self.fail(&format!("{at}.name"), format!("invalid name {:?}", v.name));
                         }
                         if v.kind == ValueMatchType::RegularExpression {
@@ -427,5 +436,12 @@ mod tests {
             e.contains("spec.rules[0].matches[0].path.value: invalid regular expression"),
             "{e}"
         );
+        let cookie = |name: &str, value: &str| {
+            format!("{SERVICE}---\napiVersion: smesh.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{name: api}}]\n  rules: [{{matches: [{{cookies: [{{name: '{name}', type: RegularExpression, value: '{value}'}}]}}]}}]\n")
+        };
+        assert_eq!(errors(&cookie("canary", "1|yes")), "");
+        let e = errors(&cookie("can ary", "("));
+        assert!(e.contains("spec.rules[0].matches[0].cookies[0].name: invalid name"), "{e}");
+        assert!(e.contains("spec.rules[0].matches[0].cookies[0].value: invalid regular expression"), "{e}");
     }
 }

@@ -141,6 +141,7 @@ pub struct RouteMatch {
     method: Option<Method>,
     headers: Vec<(HeaderName, ValueMatcher)>,
     query: Vec<(String, ValueMatcher)>,
+    cookies: Vec<(String, ValueMatcher)>,
 }
 
 impl RouteMatch {
@@ -150,6 +151,7 @@ impl RouteMatch {
             method: None,
             headers: Vec::new(),
             query: Vec::new(),
+            cookies: Vec::new(),
         }
     }
 
@@ -176,13 +178,18 @@ impl RouteMatch {
                 .iter()
                 .map(|q| (q.name.clone(), ValueMatcher::compile(q)))
                 .collect(),
+            cookies: m
+                .cookies
+                .iter()
+                .map(|c| (c.name.clone(), ValueMatcher::compile(c)))
+                .collect(),
         }
     }
 
     /// Sort key for Gateway API precedence: exact path, then longest prefix, then regular
     /// expressions (their place is left to implementations), then catch-alls (no path or
     /// prefix `/`); ties go to a method match, then most header matches, then most query
-    /// matches.
+    /// matches (cookies count as headers).
     pub fn precedence(&self) -> (u8, usize, bool, usize, usize) {
         let (kind, len) = match &self.path {
             Some(PathMatcher::Exact(p)) => (0, p.len()),
@@ -194,7 +201,7 @@ impl RouteMatch {
             kind,
             usize::MAX - len,
             self.method.is_none(),
-            usize::MAX - self.headers.len(),
+            usize::MAX - self.headers.len() - self.cookies.len(),
             usize::MAX - self.query.len(),
         )
     }
@@ -222,6 +229,19 @@ impl RouteMatch {
                 .get_all(name)
                 .iter()
                 .any(|v| v.to_str().is_ok_and(|v| matcher.matches(v)));
+            if !found {
+                return false;
+            }
+        }
+        for (name, matcher) in &self.cookies {
+            let found = req
+                .headers()
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|pair| pair.trim().split_once('='))
+                .any(|(k, v)| k == name && matcher.matches(v.trim_matches('"')));
             if !found {
                 return false;
             }
@@ -299,5 +319,30 @@ mod tests {
         assert!(prefix("/items").precedence() < regex.precedence());
         assert!(regex.precedence() < prefix("/").precedence());
         assert!(regex.precedence() < RouteMatch::everything().precedence());
+    }
+
+    #[test]
+    fn cookies() {
+        let m = RouteMatch::compile(&HttpRouteMatch {
+            cookies: vec![ValueMatch {
+                kind: ValueMatchType::Exact,
+                name: "canary".into(),
+                value: "1".into(),
+            }],
+            ..Default::default()
+        });
+        let with = |cookies: &[&str]| {
+            let mut b = Request::builder().uri("/");
+            for c in cookies {
+                b = b.header("cookie", *c);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(m.matches(&with(&["session=abc; canary=1"])));
+        assert!(m.matches(&with(&["session=abc", "canary=\"1\""])));
+        assert!(!m.matches(&with(&["session=abc; canary=10"])));
+        assert!(!m.matches(&with(&["xcanary=1"])));
+        assert!(!m.matches(&with(&[])));
+        assert!(m.precedence() < RouteMatch::everything().precedence());
     }
 }
