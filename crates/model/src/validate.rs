@@ -219,7 +219,9 @@ impl Checker<'_> {
                     for (h, v) in list.iter().enumerate() {
                         let at = format!("{at}.{kind}[{h}]");
                         let bad_cookie_name = kind == "cookies"
-                            && v.name.bytes().any(|b| !b.is_ascii_graphic() || b"()<>@,;:\\\"/[]?={}".contains(&b));
+                            && v.name
+                                .bytes()
+                                .any(|b| !b.is_ascii_graphic() || b"()<>@,;:\\\"/[]?={}".contains(&b));
                         if v.name.is_empty()
                             || (kind == "headers" && http_header_name_invalid(&v.name))
                             || bad_cookie_name
@@ -441,7 +443,13 @@ mod tests {
         };
         assert_eq!(errors(&cookie("canary", "1|yes")), "");
         let e = errors(&cookie("can ary", "("));
-        assert!(e.contains("spec.rules[0].matches[0].cookies[0].name: invalid name"), "{e}");
-        assert!(e.contains("spec.rules[0].matches[0].cookies[0].value: invalid regular expression"), "{e}");
+        assert!(
+            e.contains("spec.rules[0].matches[0].cookies[0].name: invalid name"),
+            "{e}"
+        );
+        assert!(
+            e.contains("spec.rules[0].matches[0].cookies[0].value: invalid regular expression"),
+            "{e}"
+        );
     }
 }
