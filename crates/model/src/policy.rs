@@ -29,6 +29,25 @@ pub struct BackendPolicySpec {
     /// A concurrency limit learned from latency; sheds the lowest priority first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adaptive_concurrency: Option<Box<crate::AdaptiveConcurrency>>,
+    /// How connections to the Service's endpoints are made and kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<Box<ConnectionPool>>,
+}
+
+/// Upstream connection settings; unset fields keep the proxy's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConnectionPool {
+    /// TCP connect (and mesh TLS handshake) timeout. Default: the proxy's `--connect-timeout`.
+    #[serde(default, with = "duration::option", skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<Duration>,
+    /// An idle HTTP/1.1 connection is closed after this long. Default 60s.
+    #[serde(default, with = "duration::option", skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Duration>,
+    /// Idle HTTP/1.1 connections kept per endpoint and worker; more are closed when their
+    /// request ends. 0: no reuse (a connection per request). Default 128.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_idle_per_endpoint: Option<u32>,
 }
 
 /// Envoy-style thresholds, counted per proxy across its workers. Unset: no limit.
@@ -248,6 +267,13 @@ pub fn validate_backend_policy(p: &BackendPolicy, services: &HashSet<&str>, fail
     }
     if let Some(a) = &spec.adaptive_concurrency {
         crate::qos::validate_adaptive_concurrency("spec.adaptiveConcurrency", a, fail);
+    }
+    if let Some(c) = &spec.connection_pool {
+        for (name, v) in [("connectTimeout", c.connect_timeout), ("idleTimeout", c.idle_timeout)] {
+            if v.is_some_and(|d| d < Duration::from_millis(1)) {
+                fail(&format!("spec.connectionPool.{name}"), "must be at least 1ms".into());
+            }
+        }
     }
     if let Some(b) = &spec.retry_budget {
         if let Some(r) = b.ratio.filter(|r| !(0.0..=1000.0).contains(r)) {

@@ -300,7 +300,7 @@ impl Checker {
             self.target.endpoint.addr,
             version,
             req,
-            self.connect_timeout,
+            crate::pool::PoolSettings::new(self.connect_timeout, None),
             false,
             mesh,
         )

@@ -321,14 +321,11 @@ impl HttpProxy {
                         .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
                 }
                 let in_flight = InFlight::start(&endpoint);
-                let send = pool::send(
-                    endpoint.addr,
-                    version,
-                    upstream_req,
+                let settings = pool::PoolSettings::new(
                     limits.connect_timeout,
-                    upgrade,
-                    mesh,
+                    backend.policy.as_ref().and_then(|p| p.spec.connection_pool.as_deref()),
                 );
+                let send = pool::send(endpoint.addr, version, upstream_req, settings, upgrade, mesh);
                 let outcome = match rule.try_timeout {
                     Some(t) => tokio::time::timeout(t, send).await.ok(),
                     None => Some(send.await),

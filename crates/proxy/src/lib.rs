@@ -227,6 +227,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
                     }
                 };
                 runtime.block_on(async move {
+                    tokio::spawn(pool::close_idle_forever(stop.clone()));
                     let loops: Vec<_> = sockets
                         .into_iter()
                         .zip(specs)

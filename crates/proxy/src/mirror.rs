@@ -109,11 +109,12 @@ impl Mirror {
         let (parts, ()) = req.into_parts();
         let req = build_request(parts, version, Body::full(body.clone()));
         let counters = self.counters.clone();
+        let settings = crate::pool::PoolSettings::new(connect_timeout, None);
         tokio::spawn(async move {
             let _slot = slot;
             let in_flight = InFlight::start(&endpoint);
             let exchange = async {
-                let resp = crate::pool::send(endpoint.addr, version, req, connect_timeout, false, mesh)
+                let resp = crate::pool::send(endpoint.addr, version, req, settings, false, mesh)
                     .await
                     .map_err(|_| ())?;
                 in_flight.answered();

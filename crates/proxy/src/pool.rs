@@ -17,9 +17,33 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
-const MAX_IDLE_PER_ENDPOINT: usize = 128;
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How connections to one upstream Service are made and kept (its BackendPolicy's
+/// `connectionPool`, over the proxy's defaults).
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle: usize,
+}
 
+impl PoolSettings {
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const DEFAULT_MAX_IDLE: usize = 128;
+
+    pub fn new(connect_timeout: Duration, overrides: Option<&smesh_model::ConnectionPool>) -> Self {
+        PoolSettings {
+            connect_timeout: overrides.and_then(|o| o.connect_timeout).unwrap_or(connect_timeout),
+            idle_timeout: overrides
+                .and_then(|o| o.idle_timeout)
+                .unwrap_or(Self::DEFAULT_IDLE_TIMEOUT),
+            max_idle: overrides
+                .and_then(|o| o.max_idle_per_endpoint)
+                .map_or(Self::DEFAULT_MAX_IDLE, |n| n as usize),
+        }
+    }
+}
+
+/// Idle connections, each with the time it is to be closed.
 // FxHash: keys are our own endpoint addresses, not attacker-chosen, and SipHash showed up
 // in profiles of the request path.
 type IdleH1 = FxHashMap<SocketAddr, Vec<(Instant, http1::SendRequest<Body>)>>;
@@ -38,8 +62,9 @@ pub enum SendError {
 }
 
 /// Hands an HTTP/1 connection back to the worker's idle pool when a response body is done
-/// (or dropped: hyper then closes the connection if it cannot be reused, and checkout skips it).
-pub struct PoolReturn(Option<(SocketAddr, http1::SendRequest<Body>)>);
+/// (or dropped: hyper then closes the connection if it cannot be reused, and checkout skips
+/// it). A connection the pool has no room for is dropped, which closes it.
+pub struct PoolReturn(Option<(SocketAddr, http1::SendRequest<Body>, PoolSettings)>);
 
 impl PoolReturn {
     pub fn none() -> Self {
@@ -47,18 +72,37 @@ impl PoolReturn {
     }
 
     pub fn release(&mut self) {
-        if let Some((addr, sender)) = self.0.take() {
-            if sender.is_closed() {
+        if let Some((addr, sender, settings)) = self.0.take() {
+            if sender.is_closed() || settings.max_idle == 0 {
                 return;
             }
             IDLE_H1.with(|idle| {
                 let mut idle = idle.borrow_mut();
                 let list = idle.entry(addr).or_default();
-                if list.len() < MAX_IDLE_PER_ENDPOINT {
-                    list.push((Instant::now(), sender));
+                if list.len() < settings.max_idle {
+                    list.push((Instant::now() + settings.idle_timeout, sender));
                 }
             });
         }
+    }
+}
+
+/// Closes this worker's idle connections whose idle timeout has passed; every second until
+/// `stop`. (Checkout also skips them, so this only frees the upstream's resources.)
+pub async fn close_idle_forever(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = crate::server::stopped(&mut stop) => return,
+        }
+        let now = Instant::now();
+        IDLE_H1.with(|idle| {
+            idle.borrow_mut().retain(|_, list| {
+                list.retain(|(until, sender)| *until > now && !sender.is_closed());
+                !list.is_empty()
+            })
+        });
     }
 }
 
@@ -106,8 +150,9 @@ fn take_idle_h1(addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
     IDLE_H1.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
-        while let Some((since, sender)) = list.pop() {
-            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+        let now = Instant::now();
+        while let Some((until, sender)) = list.pop() {
+            if !sender.is_closed() && until > now {
                 return Some(sender);
             }
         }
@@ -121,10 +166,11 @@ pub async fn send(
     addr: SocketAddr,
     version: Version,
     mut req: Request<Body>,
-    connect_timeout: Duration,
+    settings: PoolSettings,
     upgrade: bool,
     mesh: Option<Mesh>,
 ) -> Result<Response<Body>, SendError> {
+    let connect_timeout = settings.connect_timeout;
     if let Some(mesh) = mesh {
         // Between proxies: one multiplexed HTTP/2 connection, except for upgrades, which
         // need HTTP/1.1 (and become a tunnel).
@@ -144,7 +190,7 @@ pub async fn send(
             continue;
         }
         match sender.try_send_request(req).await {
-            Ok(resp) => return Ok(pooled_response(resp, addr, sender, upgrade)),
+            Ok(resp) => return Ok(pooled_response(resp, addr, sender, upgrade, settings)),
             Err(mut e) => match e.take_message() {
                 Some(back) => req = back,
                 None => return Err(SendError::Upstream(e.into_error())),
@@ -157,7 +203,7 @@ pub async fn send(
     };
     let mut sender = h1_handshake(io, addr).await.map_err(SendError::Upstream)?;
     match sender.send_request(req).await {
-        Ok(resp) => Ok(pooled_response(resp, addr, sender, upgrade)),
+        Ok(resp) => Ok(pooled_response(resp, addr, sender, upgrade, settings)),
         Err(e) => Err(SendError::Upstream(e)),
     }
 }
@@ -181,11 +227,12 @@ fn pooled_response(
     addr: SocketAddr,
     sender: http1::SendRequest<Body>,
     upgrade: bool,
+    settings: PoolSettings,
 ) -> Response<Body> {
     let back = if upgrade {
         PoolReturn::none()
     } else {
-        PoolReturn(Some((addr, sender)))
+        PoolReturn(Some((addr, sender, settings)))
     };
     resp.map(|body| Body::Upstream(body, back))
 }
