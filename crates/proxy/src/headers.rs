@@ -22,6 +22,18 @@ static HOP_BY_HOP: [HeaderName; 10] = [
     PROXY_CONNECTION,
 ];
 
+/// Bit n is set when a name in [`HOP_BY_HOP`] is n bytes long.
+const HOP_BY_HOP_LENGTHS: u32 = {
+    let lengths = [2, 10, 17, 7, 7, 19, 18, 6, 10, 16];
+    let mut mask = 0u32;
+    let mut i = 0;
+    while i < lengths.len() {
+        mask |= 1 << lengths[i];
+        i += 1;
+    }
+    mask
+};
+
 /// Removes hop-by-hop headers (and those named in `Connection`). `te: trailers` is kept
 /// because gRPC needs it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -29,6 +41,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // `Connection: keep-alive`); only those are looked up and removed.
     let mut present = 0u16;
     for name in headers.keys() {
+        // Most names are ruled out by their length alone.
+        let len = name.as_str().len();
+        if len >= 32 || HOP_BY_HOP_LENGTHS & (1 << len) == 0 {
+            continue;
+        }
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present |= 1 << i;
         }
@@ -130,6 +147,13 @@ mod tests {
         assert_eq!(grpc_timeout(&h), Some(Duration::from_millis(250)));
         h.insert("grpc-timeout", "1x".parse().unwrap());
         assert_eq!(grpc_timeout(&h), None);
+    }
+
+    #[test]
+    fn length_mask_matches_the_table() {
+        for name in &HOP_BY_HOP {
+            assert_ne!(HOP_BY_HOP_LENGTHS & (1 << name.as_str().len()), 0, "{name}");
+        }
     }
 
     #[test]
