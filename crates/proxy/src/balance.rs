@@ -59,15 +59,14 @@ impl EndpointStats {
         rtt * (-elapsed / DECAY_NS).exp()
     }
 
-    fn observe(&self, rtt: Duration) {
-        let now = now_ns();
+    fn observe(&self, rtt: Duration, now: u64) {
         let sample = rtt.as_nanos() as f64;
-        let current = self.decayed_rtt(now);
+        let elapsed = now.saturating_sub(self.updated_ns.load(Relaxed)) as f64;
+        let w = (-elapsed / DECAY_NS).exp();
+        let current = f64::from_bits(self.rtt_ns.load(Relaxed)) * w;
         let next = if sample > current {
             sample
         } else {
-            let elapsed = now.saturating_sub(self.updated_ns.load(Relaxed)) as f64;
-            let w = (-elapsed / DECAY_NS).exp();
             current * w + sample * (1.0 - w)
         };
         // Two workers may race here; either value is a fine estimate.
@@ -98,7 +97,8 @@ pub struct Endpoint {
 /// Counts a request as outstanding on an endpoint until dropped; records its latency.
 pub struct InFlight {
     stats: Arc<EndpointStats>,
-    started: Instant,
+    /// `now_ns()` at the start.
+    started_ns: u64,
 }
 
 impl InFlight {
@@ -106,13 +106,15 @@ impl InFlight {
         endpoint.stats.outstanding.fetch_add(1, Relaxed);
         InFlight {
             stats: endpoint.stats.clone(),
-            started: Instant::now(),
+            started_ns: now_ns(),
         }
     }
 
-    /// The endpoint answered: feed the latency into its estimate.
+    /// The endpoint answered: feed the latency into its estimate (one clock read).
     pub fn answered(&self) {
-        self.stats.observe(self.started.elapsed());
+        let now = now_ns();
+        let rtt = Duration::from_nanos(now.saturating_sub(self.started_ns));
+        self.stats.observe(rtt, now);
     }
 }
 
@@ -283,9 +285,9 @@ mod tests {
     fn ewma_avoids_the_slow_endpoint() {
         let eps: Vec<_> = (1..=3).map(endpoint).collect();
         let b = Balancer::new(eps.clone(), LoadBalancer::Ewma);
-        eps[0].stats.observe(Duration::from_millis(50));
-        eps[1].stats.observe(Duration::from_micros(500));
-        eps[2].stats.observe(Duration::from_micros(500));
+        eps[0].stats.observe(Duration::from_millis(50), now_ns());
+        eps[1].stats.observe(Duration::from_micros(500), now_ns());
+        eps[2].stats.observe(Duration::from_micros(500), now_ns());
         let slow = (0..1000).filter(|_| b.pick(&[]).unwrap().addr.port() == 1).count();
         assert_eq!(slow, 0);
     }
