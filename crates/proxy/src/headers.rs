@@ -53,7 +53,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    if present & (1 << 1) != 0 {
+    let only_usual_tokens = || {
+        headers.get_all(header::CONNECTION).iter().all(|v| {
+            let v = v.as_bytes();
+            v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+        })
+    };
+    if present & (1 << 1) != 0 && !only_usual_tokens() {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
