@@ -283,6 +283,12 @@ def http_route(name, parents, rules, hostnames=None):
             "spec": spec}
 
 
+def grpc_route(name, parents, rules, hostnames=None):
+    r = http_route(name, parents, rules, hostnames)
+    r["kind"] = "GRPCRoute"
+    return r
+
+
 def to_yaml(resources):
     return yaml.safe_dump_all(resources, sort_keys=False)
 

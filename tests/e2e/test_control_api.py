@@ -8,7 +8,7 @@ import stat
 import pytest
 import yaml
 
-from meshlib import http_route, service, to_yaml
+from meshlib import grpc_route, http_route, service, to_yaml
 
 
 def _state(cp):
@@ -232,6 +232,54 @@ def test_invalid_resources_name_file_document_field_and_change_nothing(run):
                body="apiVersion: smesh.io/v1\nkind: Servise\nmetadata: {name: a}\nspec: {}\n")
     assert r.status == 400 and "kind.yaml" in r.body.decode() and "Servise" in r.body.decode(), r
     assert _state(cp) == before
+
+
+@pytest.mark.timeout(60)
+def test_grpcroute_apply_get_validation_and_references(run):
+    """GRPCRoute through the control plane: applied and read back (`grpcroute`/`grpcroutes`),
+    a bad one rejected naming file, document, field and reason, and a Service it refers to
+    (as a parent or a backend) cannot be deleted."""
+    cp = run.control()
+    api, canary = service("api", ["127.0.0.1:9001"]), service("api-canary", ["127.0.0.1:9002"])
+    route = grpc_route("api-grpc", ["api"], [
+        {"matches": [{"method": {"service": "pkg.v1.Api", "method": "Get"},
+                      "headers": [{"name": "x-canary", "value": "yes"}]}],
+         "backendRefs": [{"name": "api-canary", "weight": 10}, {"name": "api", "weight": 90}],
+         "retry": {"attempts": 2, "codes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]},
+         "filters": [{"type": "FaultInjection",
+                      "faultInjection": {"abort": {"grpcStatus": "UNAVAILABLE", "percent": 1}}}]}])
+    r = cp.cli("apply", "-f", _write(run, "grpc.yaml", to_yaml([api, canary, route])))
+    assert r.returncode == 0, r
+    assert "GRPCRoute/api-grpc created" in _applied_lines(r), r.stdout
+
+    for kind in ("grpcroute", "grpcroutes", "GRPCRoute"):
+        r = cp.cli("get", kind, "-o", "yaml")
+        assert r.returncode == 0, r
+        docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+        assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [("GRPCRoute", "api-grpc")], r.stdout
+        rule = docs[0]["spec"]["rules"][0]
+        assert rule["matches"][0]["method"] == {"type": "Exact", "service": "pkg.v1.Api", "method": "Get"}, rule
+        assert rule["retry"]["codes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"], rule
+        assert rule["filters"][0]["faultInjection"]["abort"]["grpcStatus"] == 14, rule
+    assert cp.api("GET", "/api/v1/resources/grpcroute/api-grpc", token=False).status == 200
+
+    # a bad GRPCRoute: rejected, nothing changes
+    bad = grpc_route("api-grpc", ["api"], [{"matches": [{"method": {"service": "pkg.v1.Api", "method": "Get!"}}]}])
+    r = cp.cli("apply", "-f", _write(run, "grpc-bad.yaml", to_yaml([bad])))
+    assert r.returncode != 0 and "400" in r.stderr, r
+    assert 'grpc-bad.yaml: document 1 (GRPCRoute "api-grpc"): spec.rules[0].matches[0].method.method: ' \
+        'invalid method "Get!"' in r.stderr, r.stderr
+    got = yaml.safe_load(cp.cli("get", "grpcroute", "api-grpc", "-o", "yaml").stdout)
+    assert got["spec"]["rules"][0]["matches"][0]["method"]["method"] == "Get", got
+
+    # the backend and the parent are both referenced
+    for svc in ("api-canary", "api"):
+        r = cp.cli("delete", "service", svc)
+        assert r.returncode != 0 and "409" in r.stderr and "api-grpc" in r.stderr, r.stderr
+    r = cp.cli("delete", "grpcroute", "api-grpc")
+    assert r.returncode == 0 and "GRPCRoute/api-grpc deleted" in r.stdout, r
+    for svc in ("api-canary", "api"):
+        assert cp.cli("delete", "service", svc).returncode == 0
 
 
 @pytest.mark.timeout(60)

@@ -57,7 +57,7 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
-    /// Show resources (service, httproute), `endpoints SERVICE` or `proxies`.
+    /// Show resources (service, httproute, grpcroute, ...), `endpoints SERVICE` or `proxies`.
     Get {
         kind: String,
         name: Option<String>,

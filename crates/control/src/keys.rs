@@ -35,14 +35,31 @@ pub fn kv(key: &str) -> String {
     format!("{KV}{key}")
 }
 
-/// The canonical kind for a user's spelling (`svc`, `services`, `httproute`...).
+/// The canonical kind for a user's spelling (`svc`, `services`, `httproute`, `grpcroutes`...).
 pub fn canonical_kind(kind: &str) -> Option<&'static str> {
     match kind.to_ascii_lowercase().as_str() {
         "service" | "services" | "svc" => Some("Service"),
         "httproute" | "httproutes" | "route" | "routes" => Some("HTTPRoute"),
+        "grpcroute" | "grpcroutes" => Some("GRPCRoute"),
         "meshconfig" | "meshconfigs" => Some("MeshConfig"),
         "authorizationpolicy" | "authorizationpolicies" | "authz" => Some("AuthorizationPolicy"),
         "backendpolicy" | "backendpolicies" => Some("BackendPolicy"),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_kind;
+
+    #[test]
+    fn every_kind_has_its_own_spelling_and_plurals() {
+        for kind in smesh_model::Resource::KINDS {
+            assert_eq!(canonical_kind(kind), Some(*kind));
+            assert_eq!(canonical_kind(&kind.to_ascii_lowercase()), Some(*kind));
+        }
+        assert_eq!(canonical_kind("grpcroutes"), Some("GRPCRoute"));
+        assert_eq!(canonical_kind("httproutes"), Some("HTTPRoute"));
+        assert_eq!(canonical_kind("tcproute"), None);
     }
 }

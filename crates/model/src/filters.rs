@@ -1,7 +1,7 @@
 //! HTTPRoute rule filters (Gateway API shape: `type` plus the field of that name), and their
 //! validation. `FaultInjection` is ours; the others are Gateway API core/extended filters.
 
-use crate::{HttpRoute, PathMatchType};
+use crate::{HttpRoute, HttpRouteRule, PathMatchType};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -41,6 +41,29 @@ pub enum FilterType {
 }
 
 impl FilterType {
+    pub const ALL: [FilterType; 7] = [
+        FilterType::RequestHeaderModifier,
+        FilterType::ResponseHeaderModifier,
+        FilterType::UrlRewrite,
+        FilterType::RequestRedirect,
+        FilterType::RequestMirror,
+        FilterType::FaultInjection,
+        FilterType::RateLimit,
+    ];
+
+    /// The name written in `type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FilterType::RequestHeaderModifier => "RequestHeaderModifier",
+            FilterType::ResponseHeaderModifier => "ResponseHeaderModifier",
+            FilterType::UrlRewrite => "URLRewrite",
+            FilterType::RequestRedirect => "RequestRedirect",
+            FilterType::RequestMirror => "RequestMirror",
+            FilterType::FaultInjection => "FaultInjection",
+            FilterType::RateLimit => "RateLimit",
+        }
+    }
+
     /// The field that carries this filter's settings.
     pub fn field(self) -> &'static str {
         match self {
@@ -167,8 +190,12 @@ pub struct FaultAbort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_status: Option<u16>,
     /// The `grpc-status` answered to gRPC clients (HTTP clients then get 500 unless
-    /// `httpStatus` is given too).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `httpStatus` is given too): a number or a name such as `UNAVAILABLE`.
+    #[serde(
+        default,
+        deserialize_with = "crate::grpc::status_number::deserialize",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub grpc_status: Option<u32>,
     /// Share of requests aborted, 0-100 (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -192,135 +219,163 @@ pub(crate) mod required_duration {
 /// Checks every rule's filters of one route; `fail(field, reason)` records an error.
 pub fn validate_route_filters(route: &HttpRoute, services: &HashSet<&str>, fail: &mut dyn FnMut(&str, String)) {
     for (r, rule) in route.spec.rules.iter().enumerate() {
-        let mut seen = HashSet::new();
-        for (f, filter) in rule.filters.iter().enumerate() {
-            let at = format!("spec.rules[{r}].filters[{f}]");
-            let present: Vec<&str> = [
-                ("requestHeaderModifier", filter.request_header_modifier.is_some()),
-                ("responseHeaderModifier", filter.response_header_modifier.is_some()),
-                ("urlRewrite", filter.url_rewrite.is_some()),
-                ("requestRedirect", filter.request_redirect.is_some()),
-                ("requestMirror", filter.request_mirror.is_some()),
-                ("faultInjection", filter.fault_injection.is_some()),
-                ("rateLimit", filter.rate_limit.is_some()),
-            ]
-            .into_iter()
-            .filter_map(|(name, set)| set.then_some(name))
-            .collect();
-            let wanted = filter.kind.field();
-            if present != [wanted] {
+        validate_rule_filters(r, rule, services, ("HTTPRoute", &[]), fail);
+    }
+}
+
+/// Checks the filters of rule `r` of a route of kind `kind`, on which filters of the
+/// `unsupported` types are an error.
+pub(crate) fn validate_rule_filters(
+    r: usize,
+    rule: &HttpRouteRule,
+    services: &HashSet<&str>,
+    (kind, unsupported): (&str, &[FilterType]),
+    fail: &mut dyn FnMut(&str, String),
+) {
+    let mut seen = HashSet::new();
+    for (f, filter) in rule.filters.iter().enumerate() {
+        let at = format!("spec.rules[{r}].filters[{f}]");
+        if unsupported.contains(&filter.kind) {
+            let supported: Vec<&str> = FilterType::ALL
+                .into_iter()
+                .filter(|t| !unsupported.contains(t))
+                .map(FilterType::name)
+                .collect();
+            fail(
+                &format!("{at}.type"),
+                format!(
+                    "filter type {} is not supported on a {kind} (supported: {})",
+                    filter.kind.name(),
+                    supported.join(", ")
+                ),
+            );
+            continue;
+        }
+        let present: Vec<&str> = [
+            ("requestHeaderModifier", filter.request_header_modifier.is_some()),
+            ("responseHeaderModifier", filter.response_header_modifier.is_some()),
+            ("urlRewrite", filter.url_rewrite.is_some()),
+            ("requestRedirect", filter.request_redirect.is_some()),
+            ("requestMirror", filter.request_mirror.is_some()),
+            ("faultInjection", filter.fault_injection.is_some()),
+            ("rateLimit", filter.rate_limit.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect();
+        let wanted = filter.kind.field();
+        if present != [wanted] {
+            fail(
+                &at,
+                format!(
+                    "a filter of type {:?} needs exactly the field `{wanted}` (found {present:?})",
+                    filter.kind
+                ),
+            );
+            continue;
+        }
+        // Gateway API: each filter type at most once per rule, except RequestMirror (and
+        // our RateLimit: a rule may limit per route and per source at once).
+        if !matches!(
+            filter.kind,
+            crate::FilterType::RequestMirror | crate::FilterType::RateLimit
+        ) && !seen.insert(filter.kind)
+        {
+            fail(
+                &format!("{at}.type"),
+                format!("filter {:?} given twice in one rule", filter.kind),
+            );
+        }
+        let prefix_only = !rule.matches.is_empty()
+            && rule
+                .matches
+                .iter()
+                .all(|m| m.path.as_ref().is_some_and(|p| p.kind == PathMatchType::PathPrefix));
+        let at = format!("{at}.{wanted}");
+        if let Some(m) = filter
+            .request_header_modifier
+            .as_ref()
+            .or(filter.response_header_modifier.as_ref())
+        {
+            header_modifier(&at, m, fail);
+        }
+        if let Some(u) = &filter.url_rewrite {
+            if let Some(h) = &u.hostname {
+                hostname(&format!("{at}.hostname"), h, fail);
+            }
+            if let Some(p) = &u.path {
+                path_modifier(&format!("{at}.path"), p, prefix_only, fail);
+            }
+            if u.hostname.is_none() && u.path.is_none() {
+                fail(&at, "give hostname and/or path".into());
+            }
+        }
+        if let Some(rd) = &filter.request_redirect {
+            if let Some(s) = rd.scheme.as_deref().filter(|s| !matches!(*s, "http" | "https")) {
+                fail(&format!("{at}.scheme"), format!("scheme {s:?} must be http or https"));
+            }
+            if let Some(h) = &rd.hostname {
+                hostname(&format!("{at}.hostname"), h, fail);
+            }
+            if let Some(p) = &rd.path {
+                path_modifier(&format!("{at}.path"), p, prefix_only, fail);
+            }
+            if rd.port == Some(0) {
+                fail(&format!("{at}.port"), "port must be 1-65535".into());
+            }
+            if let Some(code) = rd.status_code.filter(|c| !matches!(c, 301 | 302)) {
+                fail(&format!("{at}.statusCode"), format!("status {code} must be 301 or 302"));
+            }
+            if !rule.backend_refs.is_empty() {
+                fail(&at, "a rule that redirects cannot also have backendRefs".into());
+            }
+        }
+        if filter.kind == crate::FilterType::UrlRewrite
+            && rule
+                .filters
+                .iter()
+                .any(|f| f.kind == crate::FilterType::RequestRedirect)
+        {
+            fail(
+                &at,
+                "URLRewrite and RequestRedirect cannot be used in the same rule".into(),
+            );
+        }
+        if let Some(m) = &filter.request_mirror {
+            if !services.contains(m.backend_ref.name.as_str()) {
                 fail(
-                    &at,
-                    format!(
-                        "a filter of type {:?} needs exactly the field `{wanted}` (found {present:?})",
-                        filter.kind
+                    &format!("{at}.backendRef.name"),
+                    format!("no Service named {:?}", m.backend_ref.name),
+                );
+            }
+            percent(&format!("{at}.percent"), m.percent, fail);
+        }
+        if let Some(r) = &filter.rate_limit {
+            crate::ratelimit::validate_rate_limit(&at, r, fail);
+        }
+        if let Some(fi) = &filter.fault_injection {
+            if fi.delay.is_none() && fi.abort.is_none() {
+                fail(&at, "give delay and/or abort".into());
+            }
+            if let Some(d) = &fi.delay {
+                percent(&format!("{at}.delay.percent"), d.percent, fail);
+                if d.fixed_delay.is_zero() {
+                    fail(&format!("{at}.delay.fixedDelay"), "delay must be greater than 0".into());
+                }
+            }
+            if let Some(a) = &fi.abort {
+                percent(&format!("{at}.abort.percent"), a.percent, fail);
+                match (a.http_status, a.grpc_status) {
+                    (None, None) => fail(&format!("{at}.abort"), "give httpStatus and/or grpcStatus".into()),
+                    (Some(s), _) if !(200..=599).contains(&s) => fail(
+                        &format!("{at}.abort.httpStatus"),
+                        format!("status {s} out of range 200-599"),
                     ),
-                );
-                continue;
-            }
-            // Gateway API: each filter type at most once per rule, except RequestMirror (and
-            // our RateLimit: a rule may limit per route and per source at once).
-            if !matches!(
-                filter.kind,
-                crate::FilterType::RequestMirror | crate::FilterType::RateLimit
-            ) && !seen.insert(filter.kind)
-            {
-                fail(
-                    &format!("{at}.type"),
-                    format!("filter {:?} given twice in one rule", filter.kind),
-                );
-            }
-            let prefix_only = !rule.matches.is_empty()
-                && rule
-                    .matches
-                    .iter()
-                    .all(|m| m.path.as_ref().is_some_and(|p| p.kind == PathMatchType::PathPrefix));
-            let at = format!("{at}.{wanted}");
-            if let Some(m) = filter
-                .request_header_modifier
-                .as_ref()
-                .or(filter.response_header_modifier.as_ref())
-            {
-                header_modifier(&at, m, fail);
-            }
-            if let Some(u) = &filter.url_rewrite {
-                if let Some(h) = &u.hostname {
-                    hostname(&format!("{at}.hostname"), h, fail);
-                }
-                if let Some(p) = &u.path {
-                    path_modifier(&format!("{at}.path"), p, prefix_only, fail);
-                }
-                if u.hostname.is_none() && u.path.is_none() {
-                    fail(&at, "give hostname and/or path".into());
-                }
-            }
-            if let Some(rd) = &filter.request_redirect {
-                if let Some(s) = rd.scheme.as_deref().filter(|s| !matches!(*s, "http" | "https")) {
-                    fail(&format!("{at}.scheme"), format!("scheme {s:?} must be http or https"));
-                }
-                if let Some(h) = &rd.hostname {
-                    hostname(&format!("{at}.hostname"), h, fail);
-                }
-                if let Some(p) = &rd.path {
-                    path_modifier(&format!("{at}.path"), p, prefix_only, fail);
-                }
-                if rd.port == Some(0) {
-                    fail(&format!("{at}.port"), "port must be 1-65535".into());
-                }
-                if let Some(code) = rd.status_code.filter(|c| !matches!(c, 301 | 302)) {
-                    fail(&format!("{at}.statusCode"), format!("status {code} must be 301 or 302"));
-                }
-                if !rule.backend_refs.is_empty() {
-                    fail(&at, "a rule that redirects cannot also have backendRefs".into());
-                }
-            }
-            if filter.kind == crate::FilterType::UrlRewrite
-                && rule
-                    .filters
-                    .iter()
-                    .any(|f| f.kind == crate::FilterType::RequestRedirect)
-            {
-                fail(
-                    &at,
-                    "URLRewrite and RequestRedirect cannot be used in the same rule".into(),
-                );
-            }
-            if let Some(m) = &filter.request_mirror {
-                if !services.contains(m.backend_ref.name.as_str()) {
-                    fail(
-                        &format!("{at}.backendRef.name"),
-                        format!("no Service named {:?}", m.backend_ref.name),
-                    );
-                }
-                percent(&format!("{at}.percent"), m.percent, fail);
-            }
-            if let Some(r) = &filter.rate_limit {
-                crate::ratelimit::validate_rate_limit(&at, r, fail);
-            }
-            if let Some(fi) = &filter.fault_injection {
-                if fi.delay.is_none() && fi.abort.is_none() {
-                    fail(&at, "give delay and/or abort".into());
-                }
-                if let Some(d) = &fi.delay {
-                    percent(&format!("{at}.delay.percent"), d.percent, fail);
-                    if d.fixed_delay.is_zero() {
-                        fail(&format!("{at}.delay.fixedDelay"), "delay must be greater than 0".into());
-                    }
-                }
-                if let Some(a) = &fi.abort {
-                    percent(&format!("{at}.abort.percent"), a.percent, fail);
-                    match (a.http_status, a.grpc_status) {
-                        (None, None) => fail(&format!("{at}.abort"), "give httpStatus and/or grpcStatus".into()),
-                        (Some(s), _) if !(200..=599).contains(&s) => fail(
-                            &format!("{at}.abort.httpStatus"),
-                            format!("status {s} out of range 200-599"),
-                        ),
-                        (_, Some(s)) if !(1..=16).contains(&s) => fail(
-                            &format!("{at}.abort.grpcStatus"),
-                            format!("gRPC status {s} out of range 1-16"),
-                        ),
-                        _ => {}
-                    }
+                    (_, Some(s)) if !(1..=16).contains(&s) => fail(
+                        &format!("{at}.abort.grpcStatus"),
+                        format!("gRPC status {s} out of range 1-16"),
+                    ),
+                    _ => {}
                 }
             }
         }

@@ -9,6 +9,7 @@
 pub mod duration;
 mod error;
 mod filters;
+mod grpc;
 mod parse;
 mod policy;
 mod qos;
@@ -19,6 +20,7 @@ mod validate;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use filters::*;
+pub use grpc::*;
 pub use parse::{load, parse, to_yaml, Source, Sourced};
 pub use policy::*;
 pub use qos::*;

@@ -112,6 +112,7 @@ fn parse_value(source: &Source, value: Value) -> Result<Resource, ConfigError> {
     match kind.as_deref() {
         Some("Service") => typed(value).map(Resource::Service),
         Some("HTTPRoute") => typed(value).map(Resource::HttpRoute),
+        Some("GRPCRoute") => typed(value).map(Resource::GrpcRoute),
         Some("MeshConfig") => typed(value).map(Resource::MeshConfig),
         Some("AuthorizationPolicy") => typed(value).map(Resource::AuthorizationPolicy),
         Some("BackendPolicy") => typed(value).map(Resource::BackendPolicy),

@@ -33,6 +33,7 @@ pub type HttpRoute = Object<HttpRouteSpec>;
 pub enum Resource {
     Service(Service),
     HttpRoute(HttpRoute),
+    GrpcRoute(crate::GrpcRoute),
     MeshConfig(crate::MeshConfig),
     AuthorizationPolicy(crate::AuthorizationPolicy),
     BackendPolicy(crate::BackendPolicy),
@@ -42,6 +43,7 @@ impl Resource {
     pub const KINDS: &'static [&'static str] = &[
         "Service",
         "HTTPRoute",
+        "GRPCRoute",
         "MeshConfig",
         "AuthorizationPolicy",
         "BackendPolicy",
@@ -51,6 +53,7 @@ impl Resource {
         match self {
             Resource::Service(_) => "Service",
             Resource::HttpRoute(_) => "HTTPRoute",
+            Resource::GrpcRoute(_) => "GRPCRoute",
             Resource::MeshConfig(_) => "MeshConfig",
             Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Resource::BackendPolicy(_) => "BackendPolicy",
@@ -61,6 +64,7 @@ impl Resource {
         match self {
             Resource::Service(s) => &s.metadata.name,
             Resource::HttpRoute(r) => &r.metadata.name,
+            Resource::GrpcRoute(r) => &r.metadata.name,
             Resource::MeshConfig(m) => &m.metadata.name,
             Resource::AuthorizationPolicy(p) => &p.metadata.name,
             Resource::BackendPolicy(p) => &p.metadata.name,

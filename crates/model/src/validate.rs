@@ -61,6 +61,10 @@ pub fn validate(items: &[Sourced]) -> Result<(), ConfigErrors> {
                 check.route(route, &services);
                 crate::filters::validate_route_filters(route, &services, &mut |f, why| check.fail(f, why));
             }
+            Resource::GrpcRoute(route) => {
+                check.grpc_route(route, &services);
+                crate::grpc::validate_grpc_rules(route, &services, &mut |f, why| check.fail(f, why));
+            }
             Resource::MeshConfig(m) => {
                 mesh_configs += 1;
                 if mesh_configs > 1 {
@@ -169,26 +173,7 @@ impl Checker<'_> {
 
     fn route(&mut self, route: &HttpRoute, services: &HashSet<&str>) {
         let spec = &route.spec;
-        if spec.parent_refs.is_empty() {
-            self.fail("spec.parentRefs", "at least one parent Service is required");
-        }
-        for (i, p) in spec.parent_refs.iter().enumerate() {
-            if let Some(kind) = p.kind.as_deref().filter(|k| *k != "Service") {
-                self.fail(
-                    &format!("spec.parentRefs[{i}].kind"),
-                    format!("unsupported parent kind {kind:?}, expected \"Service\""),
-                );
-            }
-            if !services.contains(p.name.as_str()) {
-                self.fail(
-                    &format!("spec.parentRefs[{i}].name"),
-                    format!("no Service named {:?}", p.name),
-                );
-            }
-        }
-        for (i, host) in spec.hostnames.iter().enumerate() {
-            self.hostname(&format!("spec.hostnames[{i}]"), host);
-        }
+        self.parents_and_hostnames(&spec.parent_refs, &spec.hostnames, services);
         for (r, rule) in spec.rules.iter().enumerate() {
             let at = format!("spec.rules[{r}]");
             for (m, matcher) in rule.matches.iter().enumerate() {
@@ -211,57 +196,14 @@ impl Checker<'_> {
                         );
                     }
                 }
-                for (kind, list) in [
-                    ("headers", &matcher.headers),
-                    ("queryParams", &matcher.query_params),
-                    ("cookies", &matcher.cookies),
-                ] {
-                    for (h, v) in list.iter().enumerate() {
-                        let at = format!("{at}.{kind}[{h}]");
-                        let bad_cookie_name = kind == "cookies"
-                            && v.name
-                                .bytes()
-                                .any(|b| !b.is_ascii_graphic() || b"()<>@,;:\\\"/[]?={}".contains(&b));
-                        if v.name.is_empty()
-                            || (kind == "headers" && http_header_name_invalid(&v.name))
-                            || bad_cookie_name
-                        {
-                            self.fail(&format!("{at}.name"), format!("invalid name {:?}", v.name));
-                        }
-                        if v.kind == ValueMatchType::RegularExpression {
-                            self.regex(&format!("{at}.value"), &v.value);
-                        }
-                    }
-                }
+                self.value_matches(&at, "headers", &matcher.headers);
+                self.value_matches(&at, "queryParams", &matcher.query_params);
+                self.value_matches(&at, "cookies", &matcher.cookies);
             }
-            let mut total_weight = 0u64;
-            for (b, backend) in rule.backend_refs.iter().enumerate() {
-                if !services.contains(backend.name.as_str()) {
-                    self.fail(
-                        &format!("{at}.backendRefs[{b}].name"),
-                        format!("no Service named {:?}", backend.name),
-                    );
-                }
-                self.weight(&format!("{at}.backendRefs[{b}].weight"), backend.weight, 0);
-                total_weight += u64::from(backend.weight.unwrap_or(1));
-            }
-            if !rule.backend_refs.is_empty() && total_weight == 0 {
-                self.fail(&format!("{at}.backendRefs"), "all backend weights are 0");
-            }
-            if let Some(t) = &rule.timeouts {
-                for (name, d) in [("request", t.request), ("backendRequest", t.backend_request)] {
-                    if d.is_some_and(|d| d.is_zero()) {
-                        self.fail(&format!("{at}.timeouts.{name}"), "timeout must be greater than 0");
-                    }
-                }
-            }
+            self.backends(&at, &rule.backend_refs, services);
+            self.timeouts(&at, rule.timeouts.as_ref());
             if let Some(retry) = &rule.retry {
-                if retry.attempts.is_some_and(|a| a > MAX_RETRY_ATTEMPTS) {
-                    self.fail(
-                        &format!("{at}.retry.attempts"),
-                        format!("at most {MAX_RETRY_ATTEMPTS} retries"),
-                    );
-                }
+                self.retry(&at, retry.attempts, retry.per_try_timeout);
                 for (c, code) in retry.codes.iter().enumerate() {
                     if !(400..=599).contains(code) {
                         self.fail(
@@ -270,10 +212,103 @@ impl Checker<'_> {
                         );
                     }
                 }
-                if retry.per_try_timeout.is_some_and(|d| d.is_zero()) {
-                    self.fail(&format!("{at}.retry.perTryTimeout"), "timeout must be greater than 0");
+            }
+        }
+    }
+
+    /// What GRPCRoute rules share with HTTPRoute rules; the rest is in `crate::grpc`.
+    fn grpc_route(&mut self, route: &crate::GrpcRoute, services: &HashSet<&str>) {
+        let spec = &route.spec;
+        self.parents_and_hostnames(&spec.parent_refs, &spec.hostnames, services);
+        for (r, rule) in spec.rules.iter().enumerate() {
+            let at = format!("spec.rules[{r}]");
+            for (m, matcher) in rule.matches.iter().enumerate() {
+                self.value_matches(&format!("{at}.matches[{m}]"), "headers", &matcher.headers);
+            }
+            self.backends(&at, &rule.backend_refs, services);
+            self.timeouts(&at, rule.timeouts.as_ref());
+            if let Some(retry) = &rule.retry {
+                self.retry(&at, retry.attempts, retry.per_try_timeout);
+            }
+        }
+    }
+
+    fn parents_and_hostnames(&mut self, parents: &[crate::ParentRef], hostnames: &[String], services: &HashSet<&str>) {
+        if parents.is_empty() {
+            self.fail("spec.parentRefs", "at least one parent Service is required");
+        }
+        for (i, p) in parents.iter().enumerate() {
+            if let Some(kind) = p.kind.as_deref().filter(|k| *k != "Service") {
+                self.fail(
+                    &format!("spec.parentRefs[{i}].kind"),
+                    format!("unsupported parent kind {kind:?}, expected \"Service\""),
+                );
+            }
+            if !services.contains(p.name.as_str()) {
+                self.fail(
+                    &format!("spec.parentRefs[{i}].name"),
+                    format!("no Service named {:?}", p.name),
+                );
+            }
+        }
+        for (i, host) in hostnames.iter().enumerate() {
+            self.hostname(&format!("spec.hostnames[{i}]"), host);
+        }
+    }
+
+    /// `kind` is `headers`, `queryParams` or `cookies`, each a list under the match at `at`.
+    fn value_matches(&mut self, at: &str, kind: &str, list: &[crate::ValueMatch]) {
+        for (h, v) in list.iter().enumerate() {
+            let at = format!("{at}.{kind}[{h}]");
+            let bad_cookie_name = kind == "cookies"
+                && v.name
+                    .bytes()
+                    .any(|b| !b.is_ascii_graphic() || b"()<>@,;:\\\"/[]?={}".contains(&b));
+            if v.name.is_empty() || (kind == "headers" && http_header_name_invalid(&v.name)) || bad_cookie_name {
+                self.fail(&format!("{at}.name"), format!("invalid name {:?}", v.name));
+            }
+            if v.kind == ValueMatchType::RegularExpression {
+                self.regex(&format!("{at}.value"), &v.value);
+            }
+        }
+    }
+
+    fn backends(&mut self, at: &str, backends: &[crate::BackendRef], services: &HashSet<&str>) {
+        let mut total_weight = 0u64;
+        for (b, backend) in backends.iter().enumerate() {
+            if !services.contains(backend.name.as_str()) {
+                self.fail(
+                    &format!("{at}.backendRefs[{b}].name"),
+                    format!("no Service named {:?}", backend.name),
+                );
+            }
+            self.weight(&format!("{at}.backendRefs[{b}].weight"), backend.weight, 0);
+            total_weight += u64::from(backend.weight.unwrap_or(1));
+        }
+        if !backends.is_empty() && total_weight == 0 {
+            self.fail(&format!("{at}.backendRefs"), "all backend weights are 0");
+        }
+    }
+
+    fn timeouts(&mut self, at: &str, timeouts: Option<&crate::Timeouts>) {
+        if let Some(t) = timeouts {
+            for (name, d) in [("request", t.request), ("backendRequest", t.backend_request)] {
+                if d.is_some_and(|d| d.is_zero()) {
+                    self.fail(&format!("{at}.timeouts.{name}"), "timeout must be greater than 0");
                 }
             }
+        }
+    }
+
+    fn retry(&mut self, at: &str, attempts: Option<u32>, per_try_timeout: Option<std::time::Duration>) {
+        if attempts.is_some_and(|a| a > MAX_RETRY_ATTEMPTS) {
+            self.fail(
+                &format!("{at}.retry.attempts"),
+                format!("at most {MAX_RETRY_ATTEMPTS} retries"),
+            );
+        }
+        if per_try_timeout.is_some_and(|d| d.is_zero()) {
+            self.fail(&format!("{at}.retry.perTryTimeout"), "timeout must be greater than 0");
         }
     }
 }

@@ -82,7 +82,7 @@ impl Fault {
 }
 
 /// The usual mapping of an HTTP status to a gRPC status (as gRPC clients do).
-fn grpc_for_http(status: u16) -> u32 {
+pub(crate) fn grpc_for_http(status: u16) -> u32 {
     match status {
         400 => 13,
         401 => 16,

@@ -12,7 +12,7 @@ use crate::route::Rule;
 use crate::server::Shared;
 use crate::tcp;
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -338,8 +338,8 @@ impl HttpProxy {
                     permit.answered();
                 }
                 // Whether the route's retry policy and the BackendPolicy allow another try.
-                let mut may_retry = |status: u16| {
-                    if !can_retry(retry, retries, status, replay.is_some()) {
+                let mut may_retry = |status: u16, headers: Option<&HeaderMap>| {
+                    if !can_retry(retry, retries, status, headers, replay.is_some()) {
                         return false;
                     }
                     match backend.policy.as_ref().map(|p| p.retry()) {
@@ -355,7 +355,7 @@ impl HttpProxy {
                     Some(Ok(resp)) => {
                         in_flight.answered();
                         let status = resp.status().as_u16();
-                        if !may_retry(status) {
+                        if !may_retry(status, Some(resp.headers())) {
                             return Ok(resp);
                         }
                         status
@@ -372,13 +372,13 @@ impl HttpProxy {
                         continue;
                     }
                     Some(Err(SendError::Upstream(e))) => {
-                        if !may_retry(502) {
+                        if !may_retry(502, None) {
                             return Err((ProxyError::UpstreamFailed, format!("{}: {e}", endpoint.addr)));
                         }
                         502
                     }
                     None => {
-                        if !may_retry(504) {
+                        if !may_retry(504, None) {
                             return Err((
                                 ProxyError::Timeout,
                                 format!("no response from {} in time", endpoint.addr),
@@ -452,8 +452,14 @@ impl HttpProxy {
     }
 }
 
-fn can_retry(policy: Option<&crate::route::RetryPolicy>, retries: u32, status: u16, replayable: bool) -> bool {
-    policy.is_some_and(|p| replayable && retries < p.attempts && p.codes.contains(&status))
+fn can_retry(
+    policy: Option<&crate::route::RetryPolicy>,
+    retries: u32,
+    status: u16,
+    headers: Option<&HeaderMap>,
+    replayable: bool,
+) -> bool {
+    policy.is_some_and(|p| replayable && retries < p.attempts && p.retries(status, headers))
 }
 
 pub(crate) fn upstream_version(protocol: Option<Protocol>, client: Version, upgrade: bool) -> Version {

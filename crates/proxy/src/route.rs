@@ -1,10 +1,13 @@
-//! Compiled HTTPRoute rules: request matching (Gateway API semantics) and per-rule policy.
+//! Compiled HTTPRoute and GRPCRoute rules: request matching (Gateway API semantics) and
+//! per-rule policy.
 
 use crate::balance::Balancer;
 use crate::metrics::RouteMetrics;
 use http::{HeaderName, Method, Request};
 use regex::Regex;
-use smesh_model::{HttpRouteMatch, PathMatchType, Timeouts, ValueMatch, ValueMatchType};
+use smesh_model::{
+    GrpcMethodMatchType, GrpcRouteMatch, HttpRouteMatch, PathMatchType, Timeouts, ValueMatch, ValueMatchType,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,20 +23,73 @@ pub struct WeightedBackend {
 
 pub struct RetryPolicy {
     pub attempts: u32,
-    pub codes: Vec<u16>,
+    /// Which answers are retried.
+    pub on: RetryOn,
     pub backoff: Duration,
     pub per_try_timeout: Option<Duration>,
+}
+
+pub enum RetryOn {
+    /// HTTPRoute `codes`: these response statuses. A failed exchange with the upstream (a
+    /// reset) counts as 502, a per-try timeout as 504.
+    Statuses(Vec<u16>),
+    /// GRPCRoute `codes`: bit n set retries gRPC status n, read from a trailers-only response
+    /// (`grpc-status` among the response headers: a call that failed before any message).
+    /// Other HTTP statuses count as gRPC clients read them (502/503/504/429 are UNAVAILABLE,
+    /// ...), so UNAVAILABLE also covers failed exchanges with the upstream; a per-try timeout
+    /// (504) is both UNAVAILABLE and DEADLINE_EXCEEDED.
+    GrpcStatuses(u32),
+}
+
+impl RetryPolicy {
+    /// Whether an answer with this HTTP status (and, when it is a response, these headers)
+    /// is one the policy retries.
+    pub fn retries(&self, status: u16, headers: Option<&http::HeaderMap>) -> bool {
+        match &self.on {
+            RetryOn::Statuses(codes) => codes.contains(&status),
+            RetryOn::GrpcStatuses(mask) => {
+                let has = |code: u32| code < 32 && mask & (1 << code) != 0;
+                match status {
+                    200 => headers
+                        .and_then(|h| h.get("grpc-status"))
+                        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u32>().ok())
+                        .is_some_and(has),
+                    504 => {
+                        has(smesh_model::GrpcCode::Unavailable.code())
+                            || has(smesh_model::GrpcCode::DeadlineExceeded.code())
+                    }
+                    other => has(crate::fault::grpc_for_http(other)),
+                }
+            }
+        }
+    }
 }
 
 impl From<&smesh_model::Retry> for RetryPolicy {
     fn from(r: &smesh_model::Retry) -> Self {
         RetryPolicy {
             attempts: r.attempts.unwrap_or(smesh_model::Retry::DEFAULT_ATTEMPTS),
-            codes: if r.codes.is_empty() {
+            on: RetryOn::Statuses(if r.codes.is_empty() {
                 smesh_model::Retry::DEFAULT_CODES.to_vec()
             } else {
                 r.codes.clone()
-            },
+            }),
+            backoff: r.backoff.unwrap_or(smesh_model::Retry::DEFAULT_BACKOFF),
+            per_try_timeout: r.per_try_timeout,
+        }
+    }
+}
+
+impl From<&smesh_model::GrpcRetry> for RetryPolicy {
+    fn from(r: &smesh_model::GrpcRetry) -> Self {
+        let codes = if r.codes.is_empty() {
+            smesh_model::GrpcRetry::DEFAULT_CODES
+        } else {
+            &r.codes
+        };
+        RetryPolicy {
+            attempts: r.attempts.unwrap_or(smesh_model::Retry::DEFAULT_ATTEMPTS),
+            on: RetryOn::GrpcStatuses(codes.iter().fold(0, |mask, c| mask | 1 << c.code())),
             backoff: r.backoff.unwrap_or(smesh_model::Retry::DEFAULT_BACKOFF),
             per_try_timeout: r.per_try_timeout,
         }
@@ -206,6 +262,30 @@ impl RouteMatch {
         )
     }
 
+    /// Sort key for GRPCRoute matches (Gateway API: most characters of an exact service,
+    /// then of an exact method, then most header matches): an exact service and method, then
+    /// an exact service, then an exact method, then regular expressions, then matches without
+    /// a method (`None`: a rule without matches). Further ties keep file order.
+    pub fn grpc_precedence(m: Option<&GrpcRouteMatch>) -> (u8, usize, usize, usize) {
+        let Some(m) = m else {
+            return (4, usize::MAX, usize::MAX, usize::MAX);
+        };
+        let len = |s: &Option<String>| usize::MAX - s.as_ref().map_or(0, String::len);
+        let (class, service, method) = match &m.method {
+            Some(g) if g.kind == GrpcMethodMatchType::Exact => {
+                let class = match (&g.service, &g.method) {
+                    (Some(_), Some(_)) => 0,
+                    (Some(_), None) => 1,
+                    _ => 2,
+                };
+                (class, len(&g.service), len(&g.method))
+            }
+            Some(_) => (3, usize::MAX, usize::MAX),
+            None => (4, usize::MAX, usize::MAX),
+        };
+        (class, service, method, usize::MAX - m.headers.len())
+    }
+
     pub fn matches<B>(&self, req: &Request<B>) -> bool {
         let path = req.uri().path();
         let path_ok = match &self.path {
@@ -344,5 +424,74 @@ mod tests {
         assert!(!m.matches(&with(&["xcanary=1"])));
         assert!(!m.matches(&with(&[])));
         assert!(m.precedence() < RouteMatch::everything().precedence());
+    }
+
+    #[test]
+    fn grpc_retry_codes() {
+        use smesh_model::{GrpcCode, GrpcRetry};
+        let retry = |codes: &[GrpcCode]| {
+            RetryPolicy::from(&GrpcRetry {
+                codes: codes.to_vec(),
+                ..Default::default()
+            })
+        };
+        let p = retry(&[GrpcCode::Unavailable, GrpcCode::ResourceExhausted]);
+        let status = |code: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("grpc-status", code.parse().unwrap());
+            h
+        };
+        assert!(p.retries(200, Some(&status("14"))));
+        assert!(p.retries(200, Some(&status("8"))));
+        assert!(!p.retries(200, Some(&status("9"))));
+        assert!(!p.retries(200, Some(&status("x"))));
+        // a normal response (grpc-status comes later, in trailers)
+        assert!(!p.retries(200, Some(&http::HeaderMap::new())));
+        // proxy failures (502), an upstream's 503/429 and per-try timeouts (504) read as UNAVAILABLE
+        for s in [502, 503, 504, 429] {
+            assert!(p.retries(s, None), "{s}");
+        }
+        assert!(!p.retries(500, None));
+        let p = retry(&[GrpcCode::DeadlineExceeded]);
+        assert!(p.retries(504, None) && p.retries(200, Some(&status("4"))));
+        assert!(!p.retries(502, None));
+        // default: UNAVAILABLE
+        let p = retry(&[]);
+        assert!(p.retries(200, Some(&status("14"))) && !p.retries(200, Some(&status("13"))));
+        // HTTPRoute: statuses only
+        let p = RetryPolicy::from(&smesh_model::Retry::default());
+        assert!(p.retries(503, None) && !p.retries(200, Some(&status("14"))));
+    }
+
+    #[test]
+    fn grpc_precedence_order() {
+        let m = |kind, service: Option<&str>, method: Option<&str>| GrpcRouteMatch {
+            method: Some(smesh_model::GrpcMethodMatch {
+                kind,
+                service: service.map(str::to_string),
+                method: method.map(str::to_string),
+            }),
+            headers: Vec::new(),
+        };
+        use GrpcMethodMatchType::{Exact, RegularExpression};
+        let both = m(Exact, Some("a.S"), Some("Get"));
+        let longer_service = m(Exact, Some("a.LongerS"), None);
+        let service = m(Exact, Some("a.S"), None);
+        let method = m(Exact, None, Some("Get"));
+        let regex = m(RegularExpression, Some("a\\..*"), None);
+        let headers = GrpcRouteMatch {
+            method: None,
+            headers: vec![ValueMatch {
+                kind: ValueMatchType::Exact,
+                name: "x".into(),
+                value: "1".into(),
+            }],
+        };
+        let keys: Vec<_> = [&both, &longer_service, &service, &method, &regex, &headers]
+            .into_iter()
+            .map(|m| RouteMatch::grpc_precedence(Some(m)))
+            .collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
+        assert!(*keys.last().unwrap() < RouteMatch::grpc_precedence(None));
     }
 }

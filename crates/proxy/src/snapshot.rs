@@ -6,7 +6,7 @@ use crate::metrics::Metrics;
 use crate::policy::ServicePolicy;
 use crate::route::{RetryPolicy, RouteMatch, Rule, WeightedBackend};
 use rustc_hash::FxHashMap;
-use smesh_model::{HttpRoute, MtlsMode, Protocol, Resource, Service, Sourced};
+use smesh_model::{GrpcRoute, HttpRoute, HttpRouteRule, MtlsMode, Protocol, Resource, Service, Sourced};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,8 +41,10 @@ pub struct ServiceTable {
     ports: Vec<(u16, Option<Protocol>)>,
     /// All endpoints, for TCP and CONNECT.
     pub balancer: Arc<Balancer>,
-    /// Route matches in Gateway API precedence order, each pointing at its rule.
+    /// HTTPRoute matches in Gateway API precedence order, each pointing at its rule.
     matches: Vec<(RouteMatch, Arc<Rule>)>,
+    /// GRPCRoute matches in GRPCRoute precedence order: tried first, for gRPC requests only.
+    grpc_matches: Vec<(RouteMatch, Arc<Rule>)>,
 }
 
 impl ServiceTable {
@@ -53,7 +55,14 @@ impl ServiceTable {
             .or_else(|| self.ports.iter().find_map(|(_, proto)| *proto))
     }
 
+    /// The rule for a request: a gRPC request (`content-type: application/grpc...`) goes by
+    /// the GRPCRoutes first, then like any request by the HTTPRoutes.
     pub fn route<B>(&self, req: &http::Request<B>) -> Option<&Arc<Rule>> {
+        if !self.grpc_matches.is_empty() && crate::headers::is_grpc(req) {
+            if let Some((_, rule)) = self.grpc_matches.iter().find(|(m, _)| m.matches(req)) {
+                return Some(rule);
+            }
+        }
         self.matches.iter().find(|(m, _)| m.matches(req)).map(|(_, rule)| rule)
     }
 }
@@ -145,6 +154,13 @@ impl Snapshot {
                 _ => None,
             })
             .collect();
+        let grpc_routes: Vec<&GrpcRoute> = items
+            .iter()
+            .filter_map(|i| match &i.resource {
+                Resource::GrpcRoute(r) => Some(r),
+                _ => None,
+            })
+            .collect();
 
         let endpoints: HashMap<&str, Vec<Arc<Endpoint>>> = services
             .iter()
@@ -222,71 +238,26 @@ impl Snapshot {
             let balancer = balancer_for(&name, &BTreeMap::new());
             let own_protocol = protocol_of(&name);
             let mut matches = Vec::new();
+            let mut grpc_matches = Vec::new();
+            let cx = RuleContext {
+                service: &name,
+                balancer: &balancer,
+                own_protocol,
+                policies: &policies,
+                balancer_for: &balancer_for,
+                protocol_of: &protocol_of,
+                metrics,
+                previous,
+            };
             for route in routes
                 .iter()
                 .filter(|r| r.spec.parent_refs.iter().any(|p| p.name == *name))
             {
                 let route_metrics = Arc::new(metrics.route(direction, &name, &route.metadata.name));
                 for (rule_index, rule) in route.spec.rules.iter().enumerate() {
-                    let backends = if rule.backend_refs.is_empty() {
-                        vec![WeightedBackend {
-                            weight: 1,
-                            service: name.clone(),
-                            balancer: balancer.clone(),
-                            protocol: own_protocol,
-                            policy: policies.get(&*name).cloned(),
-                        }]
-                    } else {
-                        rule.backend_refs
-                            .iter()
-                            .map(|b| WeightedBackend {
-                                weight: b.weight.unwrap_or(1),
-                                service: Arc::from(b.name.as_str()),
-                                balancer: balancer_for(&b.name, &b.subset),
-                                protocol: protocol_of(&b.name),
-                                policy: policies.get(b.name.as_str()).cloned(),
-                            })
-                            .collect()
-                    };
-                    let mut compiled = Rule::new(
-                        route.metadata.name.as_str(),
-                        backends,
-                        rule.timeouts.clone().unwrap_or_default(),
-                        rule.retry.as_ref().map(RetryPolicy::from),
-                        route_metrics.clone(),
-                    );
-                    compiled.priority = rule.priority;
-                    compiled.filters = crate::filters::Filters::compile(
-                        rule,
-                        &crate::filters::Context {
-                            service: &name,
-                            route: &route.metadata.name,
-                            metrics,
-                            balancer: &balancer_for,
-                            protocol: &protocol_of,
-                        },
-                    );
-                    let mut rate_limits = Vec::new();
-                    for (i, f) in rule.filters.iter().enumerate() {
-                        let Some(spec) = &f.rate_limit else { continue };
-                        let key = format!("{name}/{}/{rule_index}/{i}", route.metadata.name);
-                        let limiter = match previous.limiters.get(&key).filter(|l| l.spec == *spec) {
-                            Some(l) => l.clone(),
-                            None => Arc::new(crate::ratelimit::RateLimiter::new(spec)),
-                        };
-                        limiters.insert(key, limiter.clone());
-                        rate_limits.push(limiter);
-                    }
-                    if !rate_limits.is_empty() {
-                        compiled.rate_limits = Some(Box::new(crate::ratelimit::RateLimits {
-                            limiters: rate_limits,
-                            limited: metrics
-                                .resilience
-                                .rate_limited
-                                .with_label_values(&[&*name, route.metadata.name.as_str()]),
-                        }));
-                    }
-                    let compiled = Arc::new(compiled);
+                    let retry = rule.retry.as_ref().map(RetryPolicy::from);
+                    let key = format!("{name}/{}/{rule_index}", route.metadata.name);
+                    let compiled = cx.rule(rule, retry, &route.metadata.name, &key, &route_metrics, &mut limiters);
                     if rule.matches.is_empty() {
                         matches.push((RouteMatch::everything(), compiled));
                     } else {
@@ -299,7 +270,41 @@ impl Snapshot {
                     by_host.entry(host.to_ascii_lowercase()).or_insert(index);
                 }
             }
-            if matches.is_empty() {
+            for route in grpc_routes
+                .iter()
+                .filter(|r| r.spec.parent_refs.iter().any(|p| p.name == *name))
+            {
+                let route_metrics = Arc::new(metrics.route(direction, &name, &route.metadata.name));
+                for (rule_index, rule) in route.spec.rules.iter().enumerate() {
+                    // The same rule as an HTTPRoute's: method matches are path matches.
+                    let lowered = rule.to_http();
+                    let retry = rule.retry.as_ref().map(RetryPolicy::from);
+                    let key = format!("{name}/GRPCRoute/{}/{rule_index}", route.metadata.name);
+                    let compiled = cx.rule(
+                        &lowered,
+                        retry,
+                        &route.metadata.name,
+                        &key,
+                        &route_metrics,
+                        &mut limiters,
+                    );
+                    if rule.matches.is_empty() {
+                        grpc_matches.push((RouteMatch::grpc_precedence(None), RouteMatch::everything(), compiled));
+                    } else {
+                        for (m, http) in rule.matches.iter().zip(&lowered.matches) {
+                            let precedence = RouteMatch::grpc_precedence(Some(m));
+                            grpc_matches.push((precedence, RouteMatch::compile(http), compiled.clone()));
+                        }
+                    }
+                }
+                for host in &route.spec.hostnames {
+                    by_host.entry(host.to_ascii_lowercase()).or_insert(index);
+                }
+            }
+            // Stable sort: equal precedence keeps file order.
+            grpc_matches.sort_by_key(|(precedence, _, _)| *precedence);
+            let grpc_matches: Vec<_> = grpc_matches.into_iter().map(|(_, m, rule)| (m, rule)).collect();
+            if matches.is_empty() && grpc_matches.is_empty() {
                 let rule = Rule::new(
                     "default",
                     vec![WeightedBackend {
@@ -334,6 +339,7 @@ impl Snapshot {
                 ports: s.spec.ports.iter().map(|p| (p.port, p.protocol)).collect(),
                 balancer,
                 matches,
+                grpc_matches,
             });
         }
         let mtls = items
@@ -356,6 +362,96 @@ impl Snapshot {
             local_service: previous.local_service.clone(),
             inbound_limit,
         }
+    }
+}
+
+/// What compiling one route rule of a Service needs.
+struct RuleContext<'a> {
+    service: &'a Arc<str>,
+    /// Over all the Service's endpoints.
+    balancer: &'a Arc<Balancer>,
+    own_protocol: Option<Protocol>,
+    policies: &'a FxHashMap<String, Arc<ServicePolicy>>,
+    balancer_for: &'a crate::filters::BalancerFor<'a>,
+    protocol_of: &'a dyn Fn(&str) -> Option<Protocol>,
+    metrics: &'a Arc<Metrics>,
+    previous: &'a Snapshot,
+}
+
+impl RuleContext<'_> {
+    /// Compiles an HTTPRoute rule (or a GRPCRoute rule lowered to one, with its own `retry`).
+    /// `key` names the rule among all routes' rules, for its RateLimit buckets (carried over
+    /// from the previous snapshot when unchanged).
+    fn rule(
+        &self,
+        rule: &HttpRouteRule,
+        retry: Option<RetryPolicy>,
+        route: &str,
+        key: &str,
+        route_metrics: &Arc<crate::metrics::RouteMetrics>,
+        limiters: &mut FxHashMap<String, Arc<crate::ratelimit::RateLimiter>>,
+    ) -> Arc<Rule> {
+        let name = self.service;
+        let backends = if rule.backend_refs.is_empty() {
+            vec![WeightedBackend {
+                weight: 1,
+                service: name.clone(),
+                balancer: self.balancer.clone(),
+                protocol: self.own_protocol,
+                policy: self.policies.get(&**name).cloned(),
+            }]
+        } else {
+            rule.backend_refs
+                .iter()
+                .map(|b| WeightedBackend {
+                    weight: b.weight.unwrap_or(1),
+                    service: Arc::from(b.name.as_str()),
+                    balancer: (self.balancer_for)(&b.name, &b.subset),
+                    protocol: (self.protocol_of)(&b.name),
+                    policy: self.policies.get(b.name.as_str()).cloned(),
+                })
+                .collect()
+        };
+        let mut compiled = Rule::new(
+            route,
+            backends,
+            rule.timeouts.clone().unwrap_or_default(),
+            retry,
+            route_metrics.clone(),
+        );
+        compiled.priority = rule.priority;
+        compiled.filters = crate::filters::Filters::compile(
+            rule,
+            &crate::filters::Context {
+                service: name,
+                route,
+                metrics: self.metrics,
+                balancer: self.balancer_for,
+                protocol: self.protocol_of,
+            },
+        );
+        let mut rate_limits = Vec::new();
+        for (i, f) in rule.filters.iter().enumerate() {
+            let Some(spec) = &f.rate_limit else { continue };
+            let key = format!("{key}/{i}");
+            let limiter = match self.previous.limiters.get(&key).filter(|l| l.spec == *spec) {
+                Some(l) => l.clone(),
+                None => Arc::new(crate::ratelimit::RateLimiter::new(spec)),
+            };
+            limiters.insert(key, limiter.clone());
+            rate_limits.push(limiter);
+        }
+        if !rate_limits.is_empty() {
+            compiled.rate_limits = Some(Box::new(crate::ratelimit::RateLimits {
+                limiters: rate_limits,
+                limited: self
+                    .metrics
+                    .resilience
+                    .rate_limited
+                    .with_label_values(&[&**name, route]),
+            }));
+        }
+        Arc::new(compiled)
     }
 }
 
@@ -501,5 +597,57 @@ mod tests {
         assert_eq!(limiter(&s2).limit(), 8.0);
         let s3 = Snapshot::build(&load("").into_iter().take(1).collect::<Vec<_>>(), &s2, &m, "outbound");
         assert!(s3.policies.is_empty());
+    }
+
+    #[test]
+    fn grpc_routes_take_grpc_requests_first_by_method_then_headers() {
+        let text = "apiVersion: smesh.io/v1\nkind: Service\nmetadata: {name: api}\nspec:\n  endpoints:\n  - {address: 127.0.0.1:9001, labels: {version: v1}}\n  - {address: 127.0.0.1:9002, labels: {version: v2}}\n---\napiVersion: smesh.io/v1\nkind: HTTPRoute\nmetadata: {name: web}\nspec:\n  parentRefs: [{name: api}]\n  rules:\n  - matches: [{path: {type: Exact, value: /pkg.Svc/Get}}]\n  - matches: [{path: {value: /rest}}]\n---\napiVersion: smesh.io/v1\nkind: GRPCRoute\nmetadata: {name: rpc}\nspec:\n  parentRefs: [{name: api}]\n  rules:\n  - matches: [{method: {service: pkg.Svc}}]\n    backendRefs: [{name: api, subset: {version: v1}}]\n  - matches: [{method: {service: pkg.Svc, method: Get}}, {headers: [{name: x-canary, value: 'yes'}]}]\n    backendRefs: [{name: api, subset: {version: v2}}]\n  - matches: [{method: {method: Put}}]\n    backendRefs: [{name: api, subset: {version: v2}}]\n";
+        let items = smesh_model::load("mesh.yaml", text).expect("valid");
+        let s = Snapshot::build(&items, &Snapshot::empty(), &Metrics::new(), "outbound");
+        let table = s.service("api").expect("api");
+        // (route name, port of the picked backend's only endpoint), or None for no route
+        let pick = |path: &str, grpc: bool, canary: bool| {
+            let mut b = http::Request::builder().method("POST").uri(path);
+            if grpc {
+                b = b.header("content-type", "application/grpc+proto");
+            }
+            if canary {
+                b = b.header("x-canary", "yes");
+            }
+            let req = b.body(()).unwrap();
+            table.route(&req).map(|rule| {
+                let eps = rule.backends[0].balancer.endpoints();
+                let port = if eps.len() == 1 { eps[0].addr.port() } else { 0 };
+                (rule.route.to_string(), port)
+            })
+        };
+        let rpc = |port| Some(("rpc".to_string(), port));
+        // exact service and method beats the service-wide rule written before it
+        assert_eq!(pick("/pkg.Svc/Get", true, false), rpc(9002));
+        assert_eq!(pick("/pkg.Svc/List", true, false), rpc(9001));
+        // the service-only match beats a header-only match
+        assert_eq!(pick("/pkg.Svc/List", true, true), rpc(9001));
+        assert_eq!(pick("/other.Svc/List", true, true), rpc(9002));
+        // a method-only match, in any service
+        assert_eq!(pick("/other.Svc/Put", true, false), rpc(9002));
+        assert_eq!(pick("/other.Svc/Putx", true, false), None);
+        // gRPC requests no GRPCRoute rule takes fall through to the HTTPRoutes...
+        assert_eq!(pick("/rest/x", true, false), Some(("web".to_string(), 0)));
+        // ...and non-gRPC requests never see the GRPCRoutes
+        assert_eq!(pick("/pkg.Svc/Get", false, false), Some(("web".to_string(), 0)));
+        assert_eq!(pick("/pkg.Svc/List", false, true), None);
+    }
+
+    #[test]
+    fn grpc_route_rate_limits_are_their_own_buckets() {
+        let text = "apiVersion: smesh.io/v1\nkind: Service\nmetadata: {name: api}\nspec: {endpoints: [{address: 127.0.0.1:9001}]}\n---\napiVersion: smesh.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: api}]\n  rules: [{filters: [{type: RateLimit, rateLimit: {requestsPerSecond: 5}}]}]\n---\napiVersion: smesh.io/v1\nkind: GRPCRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: api}]\n  rules: [{filters: [{type: RateLimit, rateLimit: {requestsPerSecond: 5}}]}]\n";
+        let items = smesh_model::load("mesh.yaml", text).expect("valid");
+        let m = Metrics::new();
+        let s1 = Snapshot::build(&items, &Snapshot::empty(), &m, "outbound");
+        assert_eq!(s1.limiters.len(), 2);
+        let s2 = Snapshot::build(&items, &s1, &m, "outbound");
+        for (key, limiter) in &s1.limiters {
+            assert!(Arc::ptr_eq(limiter, &s2.limiters[key]), "{key}");
+        }
     }
 }
