@@ -175,7 +175,7 @@ pub async fn send(
         // Between proxies: one multiplexed HTTP/2 connection, except for upgrades, which
         // need HTTP/1.1 (and become a tunnel).
         return if upgrade {
-            send_h1_tunnel(addr, req, connect_timeout, &mesh).await
+            Box::pin(send_h1_tunnel(addr, req, connect_timeout, &mesh)).await
         } else {
             send_h2(addr, req, connect_timeout, Some(&mesh)).await
         };
@@ -197,7 +197,17 @@ pub async fn send(
             },
         }
     }
-    let io = match connect(addr, connect_timeout).await {
+    Box::pin(connect_h1_and_send(addr, req, settings, upgrade)).await
+}
+
+/// A fresh HTTP/1.1 connection (boxed by the caller: see [`send_h2`]).
+async fn connect_h1_and_send(
+    addr: SocketAddr,
+    req: Request<Body>,
+    settings: PoolSettings,
+    upgrade: bool,
+) -> Result<Response<Body>, SendError> {
+    let io = match connect(addr, settings.connect_timeout).await {
         Ok(io) => io,
         Err(e) => return Err(SendError::Connect(e, Box::new(req))),
     };
@@ -273,6 +283,18 @@ async fn send_h2(
             },
         }
     }
+    // The connect path's future is large and rare: boxed, it does not weigh on every
+    // request's future (which is moved as a whole).
+    Box::pin(connect_h2_and_send(addr, req, connect_timeout, mesh)).await
+}
+
+async fn connect_h2_and_send(
+    addr: SocketAddr,
+    req: Request<Body>,
+    connect_timeout: Duration,
+    mesh: Option<&Mesh>,
+) -> Result<Response<Body>, SendError> {
+    let key = (addr, mesh.is_some());
     let io = match connect_maybe_tls(addr, connect_timeout, mesh).await {
         Ok(io) => io,
         Err(e) => return Err(SendError::Connect(e, Box::new(req))),
