@@ -15,6 +15,8 @@ pub enum Body {
     Streaming(Incoming),
     /// An upstream response body; its connection goes back to the pool once the body is done.
     Upstream(Incoming, PoolReturn),
+    /// A request body streamed while a copy is kept for retries.
+    Replay(crate::replay::ReplayBody),
 }
 
 impl Body {
@@ -44,6 +46,7 @@ impl HttpBody for Body {
                 }
                 frame
             }
+            Body::Replay(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
@@ -52,6 +55,7 @@ impl HttpBody for Body {
             Body::Empty => true,
             Body::Full(data) => data.is_none(),
             Body::Streaming(body) | Body::Upstream(body, _) => body.is_end_stream(),
+            Body::Replay(body) => body.is_end_stream(),
         }
     }
 
@@ -60,6 +64,7 @@ impl HttpBody for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Body::Streaming(body) | Body::Upstream(body, _) => body.size_hint(),
+            Body::Replay(body) => body.size_hint(),
         }
     }
 }

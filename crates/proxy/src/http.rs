@@ -189,9 +189,11 @@ impl HttpProxy {
             }
         }
 
-        // A body kept in memory can be sent again; a streamed one only once.
+        // A body kept in memory can be sent again; a streamed one only once, unless a copy
+        // of it is kept as it streams (its length unknown up front, e.g. gRPC).
         let retry = rule.retry.as_ref().filter(|_| !upgrade);
         let mut replay: Option<Bytes> = None;
+        let mut replayable: Option<crate::replay::Replay> = None;
         let mut streamed: Option<Body> = None;
         let keep_body = retry.is_some() || rule.filters.as_ref().is_some_and(|f| f.wants_body());
         if keep_body && incoming.is_end_stream() {
@@ -209,6 +211,11 @@ impl HttpProxy {
                 Ok(collected) => replay = Some(collected.to_bytes()),
                 Err(e) => return Err((ProxyError::BadRequest, format!("reading request body: {e}"))),
             }
+        } else if retry.is_some() && incoming.size_hint().upper().is_none() {
+            replayable = Some(crate::replay::Replay::new(
+                incoming,
+                limits.max_retry_body_bytes as usize,
+            ));
         } else {
             if retry.is_some() {
                 self.shared
@@ -286,9 +293,10 @@ impl HttpProxy {
                     });
                 };
                 let endpoint = endpoint.clone();
-                let (body, parts) = match (&replay, streamed.take(), head.as_ref()) {
-                    (Some(bytes), _, Some(h)) => (Body::full(bytes.clone()), copy_head(h)),
-                    (None, Some(body), Some(_)) => (body, head.take().expect("checked above")),
+                let (body, parts) = match (&replay, &replayable, streamed.take(), head.as_ref()) {
+                    (Some(bytes), _, _, Some(h)) => (Body::full(bytes.clone()), copy_head(h)),
+                    (None, Some(kept), _, Some(h)) => (Body::Replay(kept.body()), copy_head(h)),
+                    (None, None, Some(body), Some(_)) => (body, head.take().expect("checked above")),
                     _ => return Err((ProxyError::UpstreamFailed, "request body already sent".into())),
                 };
                 // A peer smesh proxy is reached over mesh mTLS (HTTP/2 unless upgrading).
@@ -339,8 +347,24 @@ impl HttpProxy {
                 }
                 // Whether the route's retry policy and the BackendPolicy allow another try.
                 let mut may_retry = |status: u16, headers: Option<&HeaderMap>| {
-                    if !can_retry(retry, retries, status, headers, replay.is_some()) {
+                    if !can_retry(retry, retries, status, headers, true) {
                         return false;
+                    }
+                    if replay.is_none() {
+                        match &replayable {
+                            Some(kept) if kept.can_replay() => {}
+                            // Grew past --max-retry-body-bytes while it streamed.
+                            Some(_) => {
+                                self.shared
+                                    .metrics
+                                    .retries_skipped
+                                    .with_label_values(&["body_too_large"])
+                                    .inc();
+                                return false;
+                            }
+                            // Streamed (counted when it started).
+                            None => return false,
+                        }
                     }
                     match backend.policy.as_ref().map(|p| p.retry()) {
                         Some(None) => false,

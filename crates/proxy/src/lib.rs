@@ -31,6 +31,7 @@ pub mod policy;
 pub mod pool;
 pub mod ratelimit;
 pub mod reload;
+pub mod replay;
 pub mod route;
 pub mod server;
 pub mod shed;
