@@ -59,27 +59,38 @@ def run(tmp_path):
 
 # --------------------------------------------------------------------------- gRPC
 
-@pytest.fixture(scope="session")
-def grpc_stubs():
+def compile_stubs(proto_dir, name):
+    """Python modules (NAME_pb2, NAME_pb2_grpc) for PROTO_DIR/NAME.proto, generated with
+    grpcio-tools into a temp dir; yields them and removes the dir afterwards."""
     from grpc_tools import protoc
     import grpc_tools
 
-    out = tempfile.mkdtemp(prefix="smesh-e2e-grpc-")
+    out = tempfile.mkdtemp(prefix=f"smesh-e2e-{name}-")
     try:
         include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
-        rc = protoc.main(["grpc_tools.protoc", f"-I{HERE}", f"-I{include}",
+        rc = protoc.main(["grpc_tools.protoc", f"-I{proto_dir}", f"-I{include}",
                           f"--python_out={out}", f"--grpc_python_out={out}",
-                          os.path.join(HERE, "echo.proto")])
+                          os.path.join(proto_dir, f"{name}.proto")])
         assert rc == 0, f"protoc failed with {rc}"
         sys.path.insert(0, out)
         try:
-            pb2 = importlib.import_module("echo_pb2")
-            pb2_grpc = importlib.import_module("echo_pb2_grpc")
+            modules = importlib.import_module(f"{name}_pb2"), importlib.import_module(f"{name}_pb2_grpc")
         finally:
             sys.path.remove(out)
-        yield pb2, pb2_grpc
+        yield modules
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def grpc_stubs():
+    yield from compile_stubs(HERE, "echo")
+
+
+@pytest.fixture(scope="session")
+def smesh_stubs():
+    """Stubs for smesh's own API (crates/api/proto/smesh.proto): a real gRPC client of it."""
+    yield from compile_stubs(os.path.join(HERE, "..", "..", "crates", "api", "proto"), "smesh")
 
 
 class GrpcServer:

@@ -4,15 +4,11 @@ stream with that certificate; the certificate, not what the proxy claims, decide
 service's endpoint it may register; a stream ends when its certificate expires and the
 proxy comes back with the renewed one."""
 import http.client
-import importlib
 import json
 import os
-import shutil
 import socket
 import ssl
 import subprocess
-import sys
-import tempfile
 import threading
 
 import pytest
@@ -20,8 +16,6 @@ import pytest
 from meshlib import LOOPBACK, SMESH_BIN, ControlPlane, wait_until
 
 TD = "example.org"
-HERE = os.path.dirname(os.path.abspath(__file__))
-PROTO_DIR = os.path.join(HERE, "..", "..", "crates", "api", "proto")
 
 
 class TlsControlPlane(ControlPlane):
@@ -79,28 +73,6 @@ class Reply:
 
     def json(self):
         return json.loads(self.body)
-
-
-@pytest.fixture(scope="module")
-def smesh_stubs():
-    """Python stubs for crates/api/proto/smesh.proto (a real gRPC client of our API)."""
-    from grpc_tools import protoc
-    import grpc_tools
-
-    out = tempfile.mkdtemp(prefix="smesh-e2e-api-")
-    try:
-        include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
-        rc = protoc.main(["grpc_tools.protoc", f"-I{PROTO_DIR}", f"-I{include}",
-                          f"--python_out={out}", f"--grpc_python_out={out}",
-                          os.path.join(PROTO_DIR, "smesh.proto")])
-        assert rc == 0, f"protoc failed with {rc}"
-        sys.path.insert(0, out)
-        try:
-            yield importlib.import_module("smesh_pb2"), importlib.import_module("smesh_pb2_grpc")
-        finally:
-            sys.path.remove(out)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
 
 
 def token_file(run, cp, service):
