@@ -886,3 +886,65 @@ def parallel_requests(port, n, threads=8, host="api", path="/", headers=None, ti
     for t in ts:
         t.join(timeout * n)
     return out
+
+
+# --------------------------------------------------------------------------- paced load
+
+class Paced:
+    """`rate` req/s for `seconds` from `start` (a time.monotonic() value; default: 0.2 s
+    from now) on a fixed schedule over `threads` keep-alive connections, bounded: at most
+    rate x seconds requests, 10 s timeout each. `results` fills with (status, latency
+    seconds, response headers lowercased or {"error": ...}); join() waits for the threads."""
+
+    def __init__(self, port, rate, seconds, threads=4, host="api", path="/", headers=None,
+                 source=None, start=None):
+        self.results = []
+        self.seconds = seconds
+        self.start = start if start is not None else time.monotonic() + 0.2
+        lock = threading.Lock()
+        total = int(rate * seconds)
+        sent_headers = {"Host": host, **(headers or {})}
+
+        def connect():
+            return http.client.HTTPConnection(LOOPBACK, port, timeout=10,
+                                              source_address=(source, 0) if source else None)
+
+        def worker(k):
+            conn = connect()
+            try:
+                for i in range(k, total, threads):
+                    delay = self.start + i / rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    t0 = time.monotonic()
+                    try:
+                        conn.request("GET", path, headers=sent_headers)
+                        r = conn.getresponse()
+                        r.read()
+                        result = (r.status, time.monotonic() - t0, {k.lower(): v for k, v in r.getheaders()})
+                    except (OSError, http.client.HTTPException) as e:
+                        result = (0, time.monotonic() - t0, {"error": f"{type(e).__name__}: {e}"})
+                        conn.close()
+                        conn = connect()
+                    with lock:
+                        self.results.append(result)
+            finally:
+                conn.close()
+
+        self.threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def join(self):
+        for t in self.threads:
+            t.join(self.seconds + 30)
+        return self
+
+
+def offered_load(port, rate, seconds, threads=4, **kw):
+    """Paced load (see Paced) run to the end: (statuses Counter, headers of one 429 or {},
+    elapsed seconds)."""
+    load = Paced(port, rate, seconds, threads=threads, **kw).join()
+    statuses = collections.Counter(r[0] for r in load.results)
+    sample = next((r[2] for r in load.results if r[0] == 429), {})
+    return statuses, sample, time.monotonic() - load.start

@@ -4,63 +4,15 @@ the limit divided by api's live endpoints in the snapshot the control plane push
 proxies (each with its own app) behind one client proxy, ~300 req/s offered for 10 s: the total
 let through holds within 10% of 100 req/s. One api proxy stops: the control plane drops its
 endpoint, the two left rebalance to 50 req/s each, and the total still holds."""
-import collections
-import http.client
 import signal
-import threading
 import time
 
 import pytest
 
-from meshlib import LOOPBACK, metric_sum, service, to_yaml, wait_until
+from meshlib import metric_sum, offered_load, service, to_yaml, wait_until
 
 LIMIT, OFFERED, SECONDS = 100, 300, 10.0
 SHARE = "smesh_rate_limit_share_requests_per_second"
-
-
-def offered_load(port, rate, seconds, threads=12, host="api"):
-    """Offers `rate` req/s for `seconds` on a fixed schedule over `threads` keep-alive
-    connections (bounded: at most rate x seconds requests, each with a 10 s timeout).
-    Returns (statuses Counter, headers of one 429, elapsed seconds)."""
-    statuses = collections.Counter()
-    sample = {}
-    lock = threading.Lock()
-    total = int(rate * seconds)
-    start = time.monotonic() + 0.2
-
-    def connect():
-        return http.client.HTTPConnection(LOOPBACK, port, timeout=10)
-
-    def worker(k):
-        conn = connect()
-        try:
-            for i in range(k, total, threads):
-                delay = start + i / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                try:
-                    conn.request("GET", "/", headers={"Host": host})
-                    r = conn.getresponse()
-                    r.read()
-                    status = r.status
-                    if status == 429 and not sample:
-                        with lock:
-                            sample.update({k.lower(): v for k, v in r.getheaders()})
-                except (OSError, http.client.HTTPException):
-                    status = 0
-                    conn.close()
-                    conn = connect()
-                with lock:
-                    statuses[status] += 1
-        finally:
-            conn.close()
-
-    ts = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(seconds + 30)
-    return statuses, sample, time.monotonic() - start
 
 
 def share(px):
@@ -125,7 +77,7 @@ def test_mesh_wide_limit_is_split_across_live_proxies_and_rebalances(run):
     wait_for_split(cp, client, apis)
 
     # three proxies: 33.3 req/s each
-    statuses, sample, elapsed = offered_load(client.outbound, OFFERED, SECONDS)
+    statuses, sample, elapsed = offered_load(client.outbound, OFFERED, SECONDS, threads=12)
     ok, refused = check_total(statuses, elapsed, "3 proxies")
     assert sample.get("smesh-proxy-error") == "rate limited", sample
     assert int(sample.get("retry-after", "0")) >= 1, sample
@@ -148,7 +100,7 @@ def test_mesh_wide_limit_is_split_across_live_proxies_and_rebalances(run):
         a.reset()
 
     # two proxies: 50 req/s each
-    statuses, _, elapsed = offered_load(client.outbound, OFFERED, SECONDS)
+    statuses, _, elapsed = offered_load(client.outbound, OFFERED, SECONDS, threads=12)
     ok, refused = check_total(statuses, elapsed, "2 proxies")
     served = [a.stats()["requests"] for a in apps]
     print(f"meshlimit 2 proxies: let through per proxy {served} ({[round(s / elapsed, 1) for s in served]}/s)")

@@ -2,60 +2,14 @@
 100 req/s limit holds within 10% over 10 s with ~200 req/s offered, per route and per source,
 with two workers sharing the buckets; excess gets 429 + retry-after (gRPC:
 RESOURCE_EXHAUSTED); smesh_rate_limited_total counts it."""
-import collections
-import http.client
 import threading
-import time
 
 import grpc
 import pytest
 
-from meshlib import LOOPBACK, http_route, metric_sum, service
+from meshlib import LOOPBACK, http_route, metric_sum, offered_load, service
 
 RATE, SECONDS = 100, 10.0
-
-
-def offered_load(port, rate, seconds, threads=4, source=None, host="api", path="/"):
-    """Offers `rate` req/s for `seconds` over `threads` keep-alive connections, paced on a
-    fixed schedule (bounded: at most rate x seconds requests). Returns (statuses Counter,
-    one 429 Response's headers, elapsed)."""
-    statuses = collections.Counter()
-    sample = {}
-    lock = threading.Lock()
-    start = time.monotonic() + 0.2
-    total = int(rate * seconds)
-
-    def worker(k):
-        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=10,
-                                          source_address=(source, 0) if source else None)
-        try:
-            for i in range(k, total, threads):
-                delay = start + i / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                try:
-                    conn.request("GET", path, headers={"Host": host})
-                    r = conn.getresponse()
-                    r.read()
-                    status = r.status
-                    if status == 429 and not sample:
-                        sample.update({k.lower(): v for k, v in r.getheaders()})
-                except (OSError, http.client.HTTPException):
-                    status = 0
-                    conn.close()
-                    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=10,
-                                                      source_address=(source, 0) if source else None)
-                with lock:
-                    statuses[status] += 1
-        finally:
-            conn.close()
-
-    ts = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(seconds + 30)
-    return statuses, sample, time.monotonic() - start
 
 
 def limited_route(key=None, burst=10):

@@ -6,69 +6,27 @@ route marked `priority: sheddable` (whose clients claim `critical` in the header
 route caps). Critical p99 stays within 2x of the unloaded p99, sheddable requests are the ones
 refused (fast 503 `load shed`), and smesh_load_shed_total counts them by priority."""
 import collections
-import http.client
-import threading
 import time
 
 import pytest
 
-from meshlib import LOOPBACK, http_route, metric_sum, service
+from meshlib import Paced, http_route, metric_sum, service
 
 CAPACITY, SERVICE_TIME = 4, 0.040  # the upstream: 100 req/s
 CRITICAL_RATE, SHEDDABLE_RATE = 50, 250  # together 3x what the upstream can serve
 UNLOADED_SECONDS, OVERLOAD_SECONDS = 6.0, 10.0
 
 
-def paced(port, rate, seconds, threads, path, headers, start):
-    """`rate` req/s for `seconds` from `start` on a fixed schedule over `threads` keep-alive
-    connections (bounded: rate x seconds requests, 10 s timeout each). Returns a list of
-    (status, latency seconds, smesh-proxy-error) in a dict filled by the threads, and the
-    threads to join."""
-    out = []
-    lock = threading.Lock()
-    total = int(rate * seconds)
-
-    def connect():
-        return http.client.HTTPConnection(LOOPBACK, port, timeout=10)
-
-    def worker(k):
-        conn = connect()
-        try:
-            for i in range(k, total, threads):
-                delay = start + i / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                t0 = time.monotonic()
-                try:
-                    conn.request("GET", path, headers={"Host": "slow", **headers})
-                    r = conn.getresponse()
-                    r.read()
-                    result = (r.status, time.monotonic() - t0, r.getheader("smesh-proxy-error"))
-                except (OSError, http.client.HTTPException) as e:
-                    result = (0, time.monotonic() - t0, f"{type(e).__name__}: {e}")
-                    conn.close()
-                    conn = connect()
-                with lock:
-                    out.append(result)
-        finally:
-            conn.close()
-
-    ts = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(threads)]
-    for t in ts:
-        t.start()
-    return out, ts
-
-
 def run_load(port, plan, seconds):
     """plan: {label: (rate, threads, path, headers)}; all start together. Returns
     {label: results}."""
     start = time.monotonic() + 0.3
-    running = {label: paced(port, rate, seconds, threads, path, headers, start)
+    running = {label: Paced(port, rate, seconds, threads=threads, host="slow", path=path, headers=headers,
+                            start=start)
                for label, (rate, threads, path, headers) in plan.items()}
-    for _, ts in running.values():
-        for t in ts:
-            t.join(seconds + 30)
-    return {label: out for label, (out, _) in running.items()}
+    # Each result: (status, latency, the smesh-proxy-error header or the client's error).
+    return {label: [(s, lat, h.get("smesh-proxy-error", h.get("error"))) for s, lat, h in load.join().results]
+            for label, load in running.items()}
 
 
 def p99(latencies):
