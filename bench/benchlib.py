@@ -467,3 +467,46 @@ def wait_idle(seconds):
 
 def cpu_model():
     return next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+
+
+# --------------------------------------------------------------------------
+# other load during a measurement
+# --------------------------------------------------------------------------
+def _task_and_steal_jiffies():
+    """(user + nice + system, steal, total) jiffies over all CPUs since boot (/proc/stat).
+    irq and softirq time is left out: it is charged to no task, and here it is mostly
+    the benchmark's own loopback traffic."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return v[0] + v[1] + v[2], v[7], sum(v)
+
+
+def _our_ticks():
+    """CPU ticks of this harness (threads and reaped children included) and of every
+    process tree it started that is still running."""
+    with open("/proc/self/stat") as f:
+        s = f.read()
+    own = sum(int(x) for x in s[s.rindex(")") + 2:].split()[11:15])   # utime stime cutime cstime
+    pids = set()
+    for p in list(_PROCS):
+        if p.poll() is None:
+            pids.update(proc_tree(p.pid))
+    return own + cpu_ticks(pids)
+
+
+class OtherLoad:
+    """Measures the CPU used by everything that is not this benchmark (other people's
+    builds and tests, the hypervisor's steal time) while the block runs: `.cores` is that
+    CPU time divided by the wall time (1.0 = one core fully taken)."""
+
+    cores = None
+
+    def __enter__(self):
+        self._t0 = (time.time(), _task_and_steal_jiffies(), _our_ticks())
+        return self
+
+    def __exit__(self, *a):
+        t1, (task1, steal1, _), ours1 = time.time(), _task_and_steal_jiffies(), _our_ticks()
+        t0, (task0, steal0, _), ours0 = self._t0
+        foreign = max(0, (task1 - task0) - (ours1 - ours0)) + (steal1 - steal0)
+        self.cores = foreign / CLK_TCK / max(1e-3, t1 - t0)
