@@ -155,8 +155,15 @@ def test_strict_refuses_plaintext_and_foreign_certificates_permissive_accepts_pl
     apply(cp, API)
     api, app = meshed(run, cp, "api", token_file(run, cp, "api"))
     web, _ = meshed(run, cp, "web", token_file(run, cp, "web"))
-    # permissive (the default): plaintext to the inbound port works
+    # permissive (the default): plaintext to the inbound port works, and metrics tell the
+    # plaintext requests and connections from the mesh mTLS ones
     assert http_request(api.inbound, "/plain", host="api").status == 200
+    assert http_request(web.outbound, "/mesh", host="api").status == 200
+    m = api.metrics()
+    assert metric_sum(m, "smesh_inbound_requests_by_tls_total", service="api", tls="false") == 1
+    assert metric_sum(m, "smesh_inbound_requests_by_tls_total", service="api", tls="true") == 1
+    assert metric_sum(m, "smesh_inbound_connections_total", tls="false") >= 1
+    assert metric_sum(m, "smesh_inbound_connections_total", tls="true") >= 1
     apply(cp, MESH % "mtls: strict")
     wait_until(lambda: "strict" in api.config_text(), 10, what="strict mode to reach the api proxy")
 

@@ -62,6 +62,7 @@ impl HttpProxy {
         let grpc = is_grpc(&req);
         let (rule, service_limit) = match &self.target {
             Target::Inbound(rule) => {
+                rule.metrics.inbound_tls(self.peer.is_some());
                 let snapshot = self.shared.config.load();
                 if let Some(denied) = self.authorize(&snapshot, &req, rule, grpc) {
                     return Ok(denied);

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub identity_renewals: IntCounterVec,
     pub identity_expiry: IntGauge,
     pub authz_decisions: IntCounterVec,
+    /// Inbound connections by TLS status: [mesh mTLS, plaintext].
+    pub inbound_connections: [IntCounter; 2],
+    inbound_tls_requests: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -151,6 +154,22 @@ impl Metrics {
                 "Inbound authorization decisions, by target service, deciding policy and verdict.",
                 &["service", "policy", "decision"],
             ),
+            inbound_connections: {
+                let c = counter(
+                    &r,
+                    "smesh_inbound_connections_total",
+                    "Connections accepted on the inbound port, by TLS status: tls=\"true\" is mesh mTLS \
+                     from a peer proxy (permissive mode also takes plaintext, for migration).",
+                    &["tls"],
+                );
+                [c.with_label_values(&["true"]), c.with_label_values(&["false"])]
+            },
+            inbound_tls_requests: counter(
+                &r,
+                "smesh_inbound_requests_by_tls_total",
+                "Requests received on the inbound port, by TLS status (tls=\"true\": over mesh mTLS).",
+                &["service", "tls"],
+            ),
             config_generation,
             access_log_dropped,
             connections_active,
@@ -166,6 +185,7 @@ impl Metrics {
             duration: self.duration.with_label_values(&labels),
             retries: self.retries.with_label_values(&labels),
             common: Default::default(),
+            by_tls: Default::default(),
             labels: [direction.to_string(), service.to_string(), route.to_string()],
             metrics: self.clone(),
         }
@@ -205,11 +225,26 @@ pub struct RouteMetrics {
     pub duration: Histogram,
     pub retries: IntCounter,
     common: [OnceLock<IntCounter>; COMMON_STATUS.len()],
+    /// Inbound requests over mesh mTLS and in plaintext.
+    by_tls: [OnceLock<IntCounter>; 2],
     labels: [String; 3],
     metrics: Arc<Metrics>,
 }
 
 impl RouteMetrics {
+    /// Counts an inbound request by whether it came over mesh mTLS.
+    pub fn inbound_tls(&self, tls: bool) {
+        let i = usize::from(!tls);
+        self.by_tls[i]
+            .get_or_init(|| {
+                let tls = if tls { "true" } else { "false" };
+                self.metrics
+                    .inbound_tls_requests
+                    .with_label_values(&[&self.labels[1], tls])
+            })
+            .inc();
+    }
+
     pub fn response(&self, status: u16) {
         let lookup = || {
             let code = status.to_string();

@@ -204,6 +204,7 @@ impl Connection {
                     // TLS (permissive mode only) goes to the app untouched.
                     prefix = complete_tls_record(&mut stream, prefix, limits.detect_timeout).await;
                     if strict || tls.is_mesh_hello(&prefix) != Some(false) {
+                        self.shared.metrics.inbound_connections[0].inc();
                         return self.serve_mesh(PrefixedIo::new(prefix, stream), tls, stop).await;
                     }
                 }
@@ -217,6 +218,7 @@ impl Connection {
                 }
                 _ => {}
             }
+            self.shared.metrics.inbound_connections[1].inc();
         }
         let io = PrefixedIo::new(prefix, stream);
         match protocol {
