@@ -146,3 +146,22 @@ def test_inbound_forwards_to_app(run):
     assert r.status == 200, r
     assert r.json()["backend"] == "app"
     assert app.stats()["requests"] == 1 and be.stats()["requests"] == 0
+
+
+def test_app_protocol_makes_the_inbound_side_speak_what_the_app_speaks(run):
+    """An HTTP/1.1-only app behind a proxy: a client speaking h2c to the inbound port gets
+    502 when the proxy passes its protocol on, 200 with --app-protocol http."""
+    app = run.http_backend("app")
+    be = run.http_backend("b1")
+
+    def h2c_status(px):
+        r = curl("-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}",
+                 "-H", "Host: api", f"http://127.0.0.1:{px.inbound}/h2c")
+        return r.stdout
+
+    passthrough = run.proxy([service("api", [be.address])], app_port=app.port, name="smesh-passthrough")
+    assert h2c_status(passthrough) == b"502"
+    told = run.proxy([service("api", [be.address])], app_port=app.port, name="smesh-told",
+                     extra_args=["--app-protocol", "http"])
+    assert h2c_status(told) == b"200"
+    assert app.stats()["requests"] == 1

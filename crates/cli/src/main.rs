@@ -246,6 +246,10 @@ struct ProxyArgs {
     /// The local application's address.
     #[arg(long)]
     app: Option<SocketAddr>,
+    /// What the local app speaks: http (HTTP/1.1), http2 or grpc; default: whatever the
+    /// client spoke (HTTP between proxies is HTTP/2, the client's version is restored).
+    #[arg(long, value_parser = parse_app_protocol, requires = "app")]
+    app_protocol: Option<smesh_model::Protocol>,
     /// The name of the local application's service (labels inbound metrics).
     #[arg(long)]
     service: Option<String>,
@@ -315,6 +319,16 @@ fn init_logging(level: &str) {
         .init();
 }
 
+fn parse_app_protocol(s: &str) -> Result<smesh_model::Protocol, String> {
+    use smesh_model::Protocol;
+    match s {
+        "http" | "http1" => Ok(Protocol::Http),
+        "http2" | "h2c" => Ok(Protocol::Http2),
+        "grpc" => Ok(Protocol::Grpc),
+        _ => Err(format!("{s:?}: expected http, http2 or grpc")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_level);
@@ -340,6 +354,7 @@ fn main() -> ExitCode {
             outbound: Some(args.outbound),
             inbound: args.app.map(|_| args.inbound),
             app: args.app,
+            app_protocol: args.app_protocol,
             service: args.service,
             upstreams: args.upstreams,
             admin: args.admin,

@@ -76,6 +76,9 @@ pub struct ProxyOptions {
     pub outbound: Option<SocketAddr>,
     pub inbound: Option<SocketAddr>,
     pub app: Option<SocketAddr>,
+    /// What the local app speaks (`http` = HTTP/1.1, `http2`, `grpc`); `None`: what the
+    /// client spoke.
+    pub app_protocol: Option<smesh_model::Protocol>,
     /// The name inbound traffic is labelled with in metrics.
     pub service: Option<String>,
     pub upstreams: Vec<(String, SocketAddr)>,
@@ -146,7 +149,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
     }
     if let (Some(addr), Some(app)) = (options.inbound, options.app) {
         let label = options.service.clone().unwrap_or_else(|| "app".into());
-        let rule = inbound_rule(app, &label, &metrics);
+        let rule = inbound_rule(app, &label, &metrics, options.app_protocol);
         specs.push((
             addr,
             ListenerSpec {
@@ -369,7 +372,12 @@ fn hello(options: &ProxyOptions, identity: String) -> smesh_api::v1::Hello {
 }
 
 /// The inbound side's one "route": everything to the local app.
-fn inbound_rule(app: SocketAddr, label: &str, metrics: &Arc<metrics::Metrics>) -> Arc<Rule> {
+fn inbound_rule(
+    app: SocketAddr,
+    label: &str,
+    metrics: &Arc<metrics::Metrics>,
+    protocol: Option<smesh_model::Protocol>,
+) -> Arc<Rule> {
     let endpoint = Arc::new(Endpoint {
         addr: app,
         weight: 1,
@@ -384,7 +392,7 @@ fn inbound_rule(app: SocketAddr, label: &str, metrics: &Arc<metrics::Metrics>) -
             weight: 1,
             service: Arc::from(label),
             balancer,
-            protocol: None,
+            protocol,
             policy: None,
         }],
         Default::default(),
