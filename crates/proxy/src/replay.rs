@@ -12,9 +12,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
-struct State {
+struct State<B> {
     /// The client's body, where the last try left it (`None` once it ended).
-    source: Option<Incoming>,
+    source: Option<B>,
     /// Everything read from `source` so far, while under `limit`.
     kept: Vec<Bytes>,
     kept_bytes: usize,
@@ -25,11 +25,16 @@ struct State {
 }
 
 /// The shared copy of one request's body; one [`ReplayBody`] per try reads from it.
-#[derive(Clone)]
-pub struct Replay(Arc<Mutex<State>>);
+pub struct Replay<B = Incoming>(Arc<Mutex<State<B>>>);
 
-impl Replay {
-    pub fn new(source: Incoming, limit: usize) -> Self {
+impl<B> Clone for Replay<B> {
+    fn clone(&self) -> Self {
+        Replay(self.0.clone())
+    }
+}
+
+impl<B> Replay<B> {
+    pub fn new(source: B, limit: usize) -> Self {
         Replay(Arc::new(Mutex::new(State {
             source: Some(source),
             kept: Vec::new(),
@@ -40,7 +45,7 @@ impl Replay {
         })))
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    fn state(&self) -> MutexGuard<'_, State<B>> {
         // Only the tries of one request touch this, one at a time; a panic elsewhere
         // leaves data that is still consistent.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
@@ -52,7 +57,7 @@ impl Replay {
     }
 
     /// A body for the next try: the kept copy first, then the rest of the client's body.
-    pub fn body(&self) -> ReplayBody {
+    pub fn body(&self) -> ReplayBody<B> {
         ReplayBody {
             replay: self.clone(),
             next: 0,
@@ -61,18 +66,18 @@ impl Replay {
     }
 }
 
-pub struct ReplayBody {
-    replay: Replay,
+pub struct ReplayBody<B = Incoming> {
+    replay: Replay<B>,
     /// Index into `kept` of the next frame to send.
     next: usize,
     trailers_sent: bool,
 }
 
-impl HttpBody for ReplayBody {
+impl<B: HttpBody<Data = Bytes> + Unpin> HttpBody for ReplayBody<B> {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         let mut state = this.replay.state();
         if this.next < state.kept.len() {
@@ -123,7 +128,7 @@ impl HttpBody for ReplayBody {
     }
 }
 
-fn keep(state: &mut State, data: &Bytes) {
+fn keep<B>(state: &mut State<B>, data: &Bytes) {
     if state.overflowed {
         return;
     }
@@ -135,4 +140,62 @@ fn keep(state: &mut State, data: &Bytes) {
     state.kept_bytes += data.len();
     // Cloning `Bytes` shares the buffer: nothing is copied.
     state.kept.push(data.clone());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+    use std::convert::Infallible;
+
+    type Frames = StreamBody<tokio_stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+    fn source(chunks: &[&'static str], trailers: bool) -> Frames {
+        let mut frames: Vec<Result<Frame<Bytes>, Infallible>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
+            .collect();
+        if trailers {
+            let mut t = HeaderMap::new();
+            t.insert("grpc-status", "0".parse().unwrap());
+            frames.push(Ok(Frame::trailers(t)));
+        }
+        StreamBody::new(tokio_stream::iter(frames))
+    }
+
+    async fn read_all(body: ReplayBody<Frames>) -> (Vec<u8>, Option<HeaderMap>) {
+        let collected = body.collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        (collected.to_bytes().to_vec(), trailers)
+    }
+
+    #[tokio::test]
+    async fn a_retry_gets_the_whole_body_and_its_trailers() {
+        let replay = Replay::new(source(&["ab", "cd", "ef"], true), 100);
+        let (first, t1) = read_all(replay.body()).await;
+        assert_eq!(first, b"abcdef");
+        assert!(replay.can_replay());
+        let (second, t2) = read_all(replay.body()).await;
+        assert_eq!(second, b"abcdef");
+        assert!(t1.is_some() && t2.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_a_partial_try_goes_on_with_the_rest() {
+        let replay = Replay::new(source(&["ab", "cd", "ef"], false), 100);
+        let mut first = replay.body();
+        let frame = first.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "ab");
+        drop(first); // the upstream answered before reading the rest
+        let (second, _) = read_all(replay.body()).await;
+        assert_eq!(second, b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_limit_cannot_be_replayed() {
+        let replay = Replay::new(source(&["abcd", "efgh"], false), 6);
+        let (first, _) = read_all(replay.body()).await;
+        assert_eq!(first, b"abcdefgh", "the first try still gets everything");
+        assert!(!replay.can_replay());
+    }
 }
