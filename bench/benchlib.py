@@ -1,4 +1,4 @@
-"""Helpers shared by bench/run and bench/mtls (imported from the scripts' own directory).
+"""Helpers shared by bench/run, bench/mtls and bench/layers (imported from the scripts' own directory).
 
 Process bookkeeping (everything started is recorded and stopped by PID, also on
 Ctrl-C), load-tool runs pinned to the load CPU with a timeout, /proc CPU and RSS
@@ -157,6 +157,25 @@ def cpu_ticks(pids):
     return total
 
 
+def cpu_ns(pids):
+    """CPU time in nanoseconds of every thread of `pids` (/proc/PID/task/TID/schedstat, whose
+    first field is the time spent on a CPU): finer than cpu_ticks' 10 ms ticks, for short runs.
+    Threads that have exited are not counted (use it for processes whose threads live on)."""
+    total = 0
+    for p in pids:
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tids:
+            try:
+                with open(f"/proc/{p}/task/{t}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
 def rss_kib(pids):
     total = 0
     for p in pids:
@@ -223,6 +242,22 @@ def free_port():
         _GIVEN_PORTS.add(port)
         return port
     raise RuntimeError("no free port in 20000-32000")
+
+
+def metrics_text(admin):
+    """smesh's /metrics (Prometheus text) from its admin port."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+        return r.read().decode(errors="replace")
+
+
+def metric_series(text, name):
+    """{labels: value} of every sample of metric `name` in Prometheus text ('' = no labels)."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(rf"{re.escape(name)}(\{{[^}}]*\}})? ([0-9.eE+-]+|NaN)$", line)
+        if m:
+            out[m.group(1) or ""] = float(m.group(2))
+    return out
 
 
 def wait_port(port, proc, timeout=15.0):
@@ -492,6 +527,17 @@ def _our_ticks():
         if p.poll() is None:
             pids.update(proc_tree(p.pid))
     return own + cpu_ticks(pids)
+
+
+def wait_quiet(quiet_cores, timeout):
+    """Up to `timeout` s for 2 s in a row with at most `quiet_cores` of other load (OtherLoad)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with OtherLoad() as o:
+            time.sleep(2)
+        if o.cores <= quiet_cores:
+            return True
+    return False
 
 
 class OtherLoad:
