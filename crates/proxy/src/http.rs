@@ -246,6 +246,8 @@ impl HttpProxy {
             // A retry avoids the endpoint that just failed when another one is left.
             let mut avoid: Option<SocketAddr> = None;
             let mut _retry_permit = None;
+            // The body was streamed to a try: it cannot be sent again.
+            let mut streamed_once = false;
             let mut priority = None;
             loop {
                 let backend = rule.backend();
@@ -294,12 +296,25 @@ impl HttpProxy {
                     });
                 };
                 let endpoint = endpoint.clone();
-                let (body, parts) = match (&replay, &replayable, streamed.take(), head.as_ref()) {
-                    (Some(bytes), _, _, Some(h)) => (Body::full(bytes.clone()), copy_head(h)),
-                    (None, Some(kept), _, Some(h)) => (Body::Replay(kept.body()), copy_head(h)),
-                    (None, None, Some(body), Some(_)) => (body, head.take().expect("checked above")),
-                    _ => return Err((ProxyError::UpstreamFailed, "request body already sent".into())),
+                let body = match (&replay, &replayable, streamed.take(), head.is_some()) {
+                    (Some(bytes), _, _, true) => Some(Body::full(bytes.clone())),
+                    (None, Some(kept), _, true) => Some(Body::Replay(kept.body())),
+                    (None, None, Some(body), true) => {
+                        streamed_once = true;
+                        Some(body)
+                    }
+                    _ => None,
                 };
+                let Some(body) = body else {
+                    return Err((ProxyError::UpstreamFailed, "request body already sent".into()));
+                };
+                // The head goes to this try; a copy stays for the next one when the body can
+                // be sent again. (The try gets the original: hyper parses the response into
+                // its header map's allocation, which the copy would size too small.)
+                let parts = head.take().expect("checked above");
+                if !streamed_once {
+                    head = Some(copy_head(&parts));
+                }
                 // A peer smesh proxy is reached over mesh mTLS (HTTP/2 unless upgrading).
                 let mesh = mesh_tls
                     .as_ref()
