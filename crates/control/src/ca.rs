@@ -101,23 +101,10 @@ impl Ca {
 
     /// The CA as the store has it now (`None` before a root was made).
     pub async fn load(store: &dyn Store, trust_domain: &str) -> Result<Option<Ca>, String> {
-        let Some(kv) = store
-            .get(keys::CA_ROOT)
-            .await
-            .map_err(|e| format!("reading the CA root: {e}"))?
-        else {
+        let Some((_, root)) = stored_root(store).await? else {
             return Ok(None);
         };
-        let root: StoredRoot =
-            serde_json::from_slice(&kv.value).map_err(|e| format!("stored CA root is unreadable: {e}"))?;
-        let previous = match store
-            .get(keys::CA_PREVIOUS)
-            .await
-            .map_err(|e| format!("reading the previous CA roots: {e}"))?
-        {
-            Some(kv) => serde_json::from_slice(&kv.value).map_err(|e| format!("stored previous roots: {e}"))?,
-            None => PreviousRoots::default(),
-        };
+        let previous = stored_previous(store).await?;
         Ca::from_pem(trust_domain, &root.cert_pem, &root.key_pem, previous).map(Some)
     }
 
@@ -338,16 +325,8 @@ async fn reload(
 /// Replaces the signing root with a new one; the old root stays trusted (in the bundle)
 /// until [`retire`]. Fails if another rotation got there first.
 pub async fn rotate(store: &dyn Store, trust_domain: &str) -> Result<Ca, String> {
-    let kv = store
-        .get(keys::CA_ROOT)
-        .await
-        .map_err(|e| format!("reading the CA root: {e}"))?
-        .ok_or("there is no CA root in the store")?;
-    let old: StoredRoot = serde_json::from_slice(&kv.value).map_err(|e| format!("stored CA root: {e}"))?;
-    let current = Ca::load(store, trust_domain)
-        .await?
-        .ok_or("there is no CA root in the store")?;
-    let mut previous = current.previous;
+    let (kv, old) = stored_root(store).await?.ok_or("there is no CA root in the store")?;
+    let mut previous = stored_previous(store).await?;
     previous.roots.insert(0, old.cert_pem);
     previous.rotated_unix = unix_now();
     let (cert_pem, key_pem) = make_root(trust_domain)?;
@@ -385,15 +364,8 @@ pub async fn rotate(store: &dyn Store, trust_domain: &str) -> Result<Ca, String>
 
 /// Stops trusting the roots a rotation replaced.
 pub async fn retire(store: &dyn Store, trust_domain: &str) -> Result<Ca, String> {
-    let current = Ca::load(store, trust_domain)
-        .await?
-        .ok_or("there is no CA root in the store")?;
-    let next = Ca::from_pem(
-        trust_domain,
-        &current.root_pem,
-        &serialize_key(&current),
-        PreviousRoots::default(),
-    )?;
+    let (_, root) = stored_root(store).await?.ok_or("there is no CA root in the store")?;
+    let next = Ca::from_pem(trust_domain, &root.cert_pem, &root.key_pem, PreviousRoots::default())?;
     let ops = vec![
         Op::Delete {
             key: keys::CA_PREVIOUS.into(),
@@ -411,8 +383,28 @@ pub async fn retire(store: &dyn Store, trust_domain: &str) -> Result<Ca, String>
     Ok(next)
 }
 
-fn serialize_key(ca: &Ca) -> String {
-    ca.issuer.key().serialize_pem()
+/// The signing root as stored, with its record (for compare-and-set).
+async fn stored_root(store: &dyn Store) -> Result<Option<(crate::store::KeyValue, StoredRoot)>, String> {
+    let Some(kv) = store
+        .get(keys::CA_ROOT)
+        .await
+        .map_err(|e| format!("reading the CA root: {e}"))?
+    else {
+        return Ok(None);
+    };
+    let root = serde_json::from_slice(&kv.value).map_err(|e| format!("stored CA root is unreadable: {e}"))?;
+    Ok(Some((kv, root)))
+}
+
+async fn stored_previous(store: &dyn Store) -> Result<PreviousRoots, String> {
+    match store
+        .get(keys::CA_PREVIOUS)
+        .await
+        .map_err(|e| format!("reading the previous CA roots: {e}"))?
+    {
+        Some(kv) => serde_json::from_slice(&kv.value).map_err(|e| format!("stored previous roots: {e}")),
+        None => Ok(PreviousRoots::default()),
+    }
 }
 
 fn unix_now() -> u64 {
