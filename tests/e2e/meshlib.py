@@ -948,3 +948,16 @@ def offered_load(port, rate, seconds, threads=4, **kw):
     statuses = collections.Counter(r[0] for r in load.results)
     sample = next((r[2] for r in load.results if r[0] == 429), {})
     return statuses, sample, time.monotonic() - load.start
+
+
+def assert_rate_limited(statuses, elapsed, limit, label):
+    """Only 200s and 429s came back, and the 200s came at `limit`/s within 10%. Returns
+    (passed, refused)."""
+    ok, refused = statuses[200], statuses[429]
+    rate = ok / elapsed
+    print(f"{label}: offered {sum(statuses.values())} in {elapsed:.1f}s, passed {ok} "
+          f"({rate:.1f}/s, limit {limit}/s), 429: {refused}, other: "
+          f"{ {k: v for k, v in statuses.items() if k not in (200, 429)} }")
+    assert set(statuses) <= {200, 429}, statuses
+    assert abs(rate - limit) <= 0.1 * limit, f"{label}: {rate:.1f}/s let through"
+    return ok, refused

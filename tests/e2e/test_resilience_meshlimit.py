@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from meshlib import metric_sum, offered_load, service, to_yaml, wait_until
+from meshlib import assert_rate_limited, metric_sum, offered_load, service, to_yaml, wait_until
 
 LIMIT, OFFERED, SECONDS = 100, 300, 10.0
 SHARE = "smesh_rate_limit_share_requests_per_second"
@@ -40,17 +40,6 @@ def wait_for_split(cp, client, apis, timeout=15):
     wait_until(settled, timeout, interval=0.1, what=f"the limit split across {len(apis)} api proxies")
 
 
-def check_total(statuses, elapsed, label):
-    ok, refused = statuses[200], statuses[429]
-    rate = ok / elapsed
-    print(f"meshlimit {label}: offered {sum(statuses.values())} in {elapsed:.1f}s, passed {ok} "
-          f"({rate:.1f}/s, mesh-wide limit {LIMIT}/s), 429: {refused}, other: "
-          f"{ {k: v for k, v in statuses.items() if k not in (200, 429)} }")
-    assert set(statuses) <= {200, 429}, statuses
-    assert abs(rate - LIMIT) <= 0.1 * LIMIT, f"{label}: {rate:.1f}/s let through"
-    return ok, refused
-
-
 @pytest.mark.timeout(150)
 def test_mesh_wide_limit_is_split_across_live_proxies_and_rebalances(run):
     cp = run.control()
@@ -78,7 +67,7 @@ def test_mesh_wide_limit_is_split_across_live_proxies_and_rebalances(run):
 
     # three proxies: 33.3 req/s each
     statuses, sample, elapsed = offered_load(client.outbound, OFFERED, SECONDS, threads=12)
-    ok, refused = check_total(statuses, elapsed, "3 proxies")
+    ok, refused = assert_rate_limited(statuses, elapsed, LIMIT, "meshlimit 3 proxies")
     assert sample.get("smesh-proxy-error") == "rate limited", sample
     assert int(sample.get("retry-after", "0")) >= 1, sample
     served = [a.stats()["requests"] for a in apps]
@@ -101,7 +90,7 @@ def test_mesh_wide_limit_is_split_across_live_proxies_and_rebalances(run):
 
     # two proxies: 50 req/s each
     statuses, _, elapsed = offered_load(client.outbound, OFFERED, SECONDS, threads=12)
-    ok, refused = check_total(statuses, elapsed, "2 proxies")
+    ok, refused = assert_rate_limited(statuses, elapsed, LIMIT, "meshlimit 2 proxies")
     served = [a.stats()["requests"] for a in apps]
     print(f"meshlimit 2 proxies: let through per proxy {served} ({[round(s / elapsed, 1) for s in served]}/s)")
     assert served[2] == 0 and sum(served) == ok, served

@@ -7,7 +7,7 @@ import threading
 import grpc
 import pytest
 
-from meshlib import LOOPBACK, http_route, metric_sum, offered_load, service
+from meshlib import LOOPBACK, assert_rate_limited, http_route, metric_sum, offered_load, service
 
 RATE, SECONDS = 100, 10.0
 
@@ -19,23 +19,12 @@ def limited_route(key=None, burst=10):
     return http_route("api-route", ["api"], [{"filters": [{"type": "RateLimit", "rateLimit": rl}]}])
 
 
-def check_rate(statuses, elapsed, label):
-    ok, limited = statuses[200], statuses[429]
-    rate = ok / elapsed
-    print(f"ratelimit {label}: offered {sum(statuses.values())} in {elapsed:.1f}s, "
-          f"passed {ok} ({rate:.1f}/s, limit {RATE}/s), 429: {limited}, other: "
-          f"{ {k: v for k, v in statuses.items() if k not in (200, 429)} }")
-    assert set(statuses) <= {200, 429}, statuses
-    assert abs(rate - RATE) <= 0.1 * RATE, f"{label}: {rate:.1f}/s"
-    return ok, limited
-
-
 @pytest.mark.timeout(90)
 def test_route_limit_holds_across_workers(run):
     be = run.http_backend("b")
     px = run.proxy([service("api", [be.address]), limited_route()], extra_args=["--workers", "2"])
     statuses, sample, elapsed = offered_load(px.outbound, 2 * RATE, SECONDS, threads=4)
-    ok, limited = check_rate(statuses, elapsed, "per route")
+    ok, limited = assert_rate_limited(statuses, elapsed, RATE, "ratelimit per route")
     assert limited >= 0.35 * sum(statuses.values())
     assert sample.get("smesh-proxy-error") == "rate limited", sample
     assert int(sample.get("retry-after", "0")) >= 1, sample
@@ -60,7 +49,7 @@ def test_source_limit_is_per_client(run):
     for t in ts:
         t.join(SECONDS + 40)
     for src, (statuses, _, elapsed) in results.items():
-        check_rate(statuses, elapsed, f"source {src}")
+        assert_rate_limited(statuses, elapsed, RATE, f"ratelimit source {src}")
     assert len(results) == 2
 
 
