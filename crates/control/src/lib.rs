@@ -200,7 +200,12 @@ fn write_trust_bundle(path: &Path, pem: &str) -> Result<(), String> {
     if std::fs::read_to_string(path).is_ok_and(|old| old == pem) {
         return Ok(());
     }
-    std::fs::write(path, pem).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    // Readers (the CLI, scripts) may open the file at any moment: they must see the old
+    // bundle or the new one, never a truncated file, so write aside and rename over it.
+    let tmp = path.with_extension("pem.tmp");
+    std::fs::write(&tmp, pem)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 async fn shutdown_signal() {
