@@ -237,9 +237,10 @@ impl HttpProxy {
             Some(v) if v.as_bytes() == b"HTTP/1.1" => Version::HTTP_11,
             _ => parts.version,
         };
-        // The request head is moved into the first try; it is copied only when a retry may
+        // The request head is moved into the first try; it is saved only when a retry may
         // need it again, and handed back by a failed connect.
         let mut head = Some(parts);
+        let mut saved: Option<crate::saved_head::SavedHead> = None;
         let tries = async {
             let mut tried: Vec<SocketAddr> = Vec::new();
             let mut retries = 0u32;
@@ -296,7 +297,8 @@ impl HttpProxy {
                     });
                 };
                 let endpoint = endpoint.clone();
-                let body = match (&replay, &replayable, streamed.take(), head.is_some()) {
+                let have_head = head.is_some() || saved.is_some();
+                let body = match (&replay, &replayable, streamed.take(), have_head) {
                     (Some(bytes), _, _, true) => Some(Body::full(bytes.clone())),
                     (None, Some(kept), _, true) => Some(Body::Replay(kept.body())),
                     (None, None, Some(body), true) => {
@@ -309,11 +311,14 @@ impl HttpProxy {
                     return Err((ProxyError::UpstreamFailed, "request body already sent".into()));
                 };
                 // The head goes to this try; a copy stays for the next one when the body can
-                // be sent again. (The try gets the original: hyper parses the response into
-                // its header map's allocation, which the copy would size too small.)
-                let parts = head.take().expect("checked above");
-                if !streamed_once {
-                    head = Some(copy_head(&parts));
+                // be sent again. (The first try gets the original: hyper parses the response
+                // into its header map's allocation, already sized for this traffic.)
+                let parts = match head.take() {
+                    Some(parts) => parts,
+                    None => saved.as_ref().expect("checked above").to_parts(),
+                };
+                if !streamed_once && saved.is_none() {
+                    saved = Some(crate::saved_head::SavedHead::new(&parts));
                 }
                 // A peer smesh proxy is reached over mesh mTLS (HTTP/2 unless upgrading).
                 let mesh = mesh_tls
@@ -510,15 +515,6 @@ pub(crate) fn upstream_version(protocol: Option<Protocol>, client: Version, upgr
         _ if client == Version::HTTP_2 => Version::HTTP_2,
         _ => Version::HTTP_11,
     }
-}
-
-fn copy_head(p: &Parts) -> Parts {
-    let (mut head, ()) = Request::new(()).into_parts();
-    head.method = p.method.clone();
-    head.uri = p.uri.clone();
-    head.version = p.version;
-    head.headers = p.headers.clone();
-    head
 }
 
 /// The request as the upstream should see it: HTTP/2 wants an absolute URI (`:authority`),

@@ -33,6 +33,7 @@ pub mod ratelimit;
 pub mod reload;
 pub mod replay;
 pub mod route;
+mod saved_head;
 pub mod server;
 pub mod shed;
 pub mod snapshot;
