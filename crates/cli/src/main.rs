@@ -3,6 +3,7 @@
 mod client;
 mod commands;
 mod demo;
+mod malloc;
 mod up;
 
 use clap::{Args, Parser, Subcommand};
@@ -330,6 +331,7 @@ fn parse_app_protocol(s: &str) -> Result<smesh_model::Protocol, String> {
 }
 
 fn main() -> ExitCode {
+    malloc::keep_freed_memory();
     let cli = Cli::parse();
     init_logging(&cli.log_level);
     let result = match cli.command {
