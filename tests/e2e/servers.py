@@ -9,14 +9,15 @@ All of them listen on 127.0.0.1 only and run until killed.
 
 HTTP backend (HTTP/1.1, keep-alive, one thread per connection):
   * every request except /__stats and /__reset answers 200 with header
-    `x-backend: NAME` and a JSON body {"backend", "method", "path", "host", "headers", "body_len"};
+    `x-backend: NAME` and a JSON body {"backend", "method", "path", "host", "headers", "body_len",
+    "body_sha256"};
   * query `delay=SECONDS` sleeps before answering, `status=CODE` answers that status;
   * `--delay` adds a fixed delay to every request;
   * `--flaky` answers 503 to every other request (1st, 3rd, 5th, ...), 200 to the others;
   * `--max-concurrent N` works on (sleeps for) at most N requests at once, the others wait
     their turn in arrival order: a slow upstream with bounded capacity;
-  * GET /__stats answers {"requests": n, "inflight": k, "peak_inflight": m, "statuses": {...}}
-    (not counted);
+  * GET /__stats answers {"requests": n, "inflight": k, "peak_inflight": m, "statuses": {...},
+    "bodies": {path: {"len", "sha256"}} (the last 64 requests with a body)} (not counted);
   * GET /__reset sets the counters back to zero.
 
 TCP echo: echoes every byte as it arrives; when the client half-closes (EOF) it sends
@@ -25,6 +26,7 @@ TCP echo: echoes every byte as it arrives; when the client half-closes (EOF) it 
 WebSocket echo: echoes every message (text or binary), prefixed by nothing.
 """
 import argparse
+import hashlib
 import json
 import socket
 import sys
@@ -45,6 +47,7 @@ class Stats:
             self.inflight = 0
             self.peak_inflight = 0
             self.statuses = {}
+            self.bodies = {}
 
 
 def run_http(args):
@@ -77,14 +80,18 @@ def run_http(args):
             if url.path == "/__stats":
                 with stats.lock:
                     out = {"requests": stats.requests, "inflight": stats.inflight,
-                           "peak_inflight": stats.peak_inflight, "statuses": dict(stats.statuses)}
+                           "peak_inflight": stats.peak_inflight, "statuses": dict(stats.statuses),
+                           "bodies": dict(stats.bodies)}
                 return self._send(200, json.dumps(out))
             if url.path == "/__reset":
                 stats.reset()
                 return self._send(200, "{}")
             body_len = 0
+            digest = hashlib.sha256()
             if self.headers.get("content-length"):
-                body_len = len(self.rfile.read(int(self.headers["content-length"])))
+                data = self.rfile.read(int(self.headers["content-length"]))
+                body_len = len(data)
+                digest.update(data)
             elif "chunked" in (self.headers.get("transfer-encoding") or "").lower():
                 while True:
                     size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
@@ -92,8 +99,15 @@ def run_http(args):
                         while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                             pass
                         break
-                    body_len += len(self.rfile.read(size))
+                    data = self.rfile.read(size)
+                    body_len += len(data)
+                    digest.update(data)
                     self.rfile.readline()
+            if body_len:
+                with stats.lock:
+                    stats.bodies[url.path] = {"len": body_len, "sha256": digest.hexdigest()}
+                    while len(stats.bodies) > 64:
+                        stats.bodies.pop(next(iter(stats.bodies)))
             q = parse_qs(url.query)
             with stats.lock:
                 stats.requests += 1
@@ -114,7 +128,7 @@ def run_http(args):
                     stats.statuses[str(status)] = stats.statuses.get(str(status), 0) + 1
                 out = {"backend": name, "method": self.command, "path": self.path,
                        "host": self.headers.get("host"), "headers": dict(self.headers.items()),
-                       "body_len": body_len, "n": n}
+                       "body_len": body_len, "body_sha256": digest.hexdigest(), "n": n}
                 self._send(status, json.dumps(out))
             finally:
                 with stats.lock:

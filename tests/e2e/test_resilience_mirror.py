@@ -1,11 +1,16 @@
 """Issue 6, acceptance 6: mirroring. The shadow receives the configured share, its responses
 and failures never reach the client, and a slow shadow does not slow the client down."""
+import hashlib
+import json
+import os
+import socket
+import threading
 import time
 
 import pytest
 
-from meshlib import (SwitchBackend, free_port, http_route, metric_sum, parallel_requests, service,
-                     wait_until)
+from meshlib import (SwitchBackend, curl, free_port, http_route, metric_sum, parallel_requests,
+                     service, wait_until)
 
 
 def mirrored(primary, shadow_address, percent):
@@ -65,3 +70,80 @@ def test_failing_and_dead_shadows_are_invisible(run):
     assert all(r.status == 200 and r.header("x-backend") == "primary" for r in rs)
     wait_until(lambda: metric_sum(px.metrics(), "smesh_mirror_requests_total", service="shadow",
                                   result="failed") >= 50, 10, what="failed mirrors counted")
+
+
+def chunked_upload(run, px, name, size, path):
+    """POSTs `size` random bytes with Transfer-Encoding: chunked (length unknown to the proxy);
+    returns (status, response JSON, sha256 of what was sent, seconds taken)."""
+    data = os.urandom(size)
+    file = os.path.join(run.workdir, name)
+    with open(file, "wb") as f:
+        f.write(data)
+    t0 = time.monotonic()
+    out = curl("-s", "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{file}",
+               "-H", "Host: api", "-w", "\n%{http_code}", f"http://127.0.0.1:{px.outbound}{path}")
+    elapsed = time.monotonic() - t0
+    body, code = out.stdout.rsplit(b"\n", 1)
+    return int(code), json.loads(body), hashlib.sha256(data).hexdigest(), elapsed
+
+
+@pytest.mark.timeout(60)
+def test_a_streamed_body_is_mirrored_whole(run):
+    primary = run.http_backend("primary")
+    shadow = run.http_backend("shadow")
+    px = run.proxy(mirrored(primary, shadow.address, 100))
+    size = 3 * 1024 * 1024 + 17
+    status, resp, digest, _ = chunked_upload(run, px, "upload", size, "/upload")
+    assert status == 200, resp
+    assert resp["backend"] == "primary"
+    assert (resp["body_len"], resp["body_sha256"]) == (size, digest)
+    # The shadow got the same bytes, streamed alongside (not buffered first).
+    got = wait_until(lambda: shadow.stats()["bodies"].get("/upload"), 10, what="the mirrored upload")
+    assert got == {"len": size, "sha256": digest}
+    wait_until(lambda: metric_sum(px.metrics(), "smesh_mirror_requests_total", service="shadow",
+                                  result="sent") == 1, 10, what="the mirror counted as sent")
+
+
+@pytest.mark.timeout(60)
+def test_a_shadow_that_stops_reading_is_cut_off_without_holding_up_the_client(run):
+    """A shadow that accepts and never reads: the mirror's copy falls behind, is cut off (a
+    failed mirror) and the client's upload goes on at full speed."""
+    primary = run.http_backend("primary")
+    stuck = socket.socket()
+    stuck.bind(("127.0.0.1", 0))
+    stuck.listen(16)
+    held = []
+    stop = threading.Event()
+
+    def hold():
+        stuck.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = stuck.accept()
+            except OSError:
+                continue
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            held.append(conn)
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    try:
+        px = run.proxy(mirrored(primary, f"127.0.0.1:{stuck.getsockname()[1]}", 100))
+        size = 48 * 1024 * 1024
+        status, resp, digest, elapsed = chunked_upload(run, px, "big", size, "/big")
+        print(f"mirror: {size >> 20} MiB upload with a stuck shadow took {elapsed:.2f}s")
+        assert status == 200, resp
+        assert (resp["body_len"], resp["body_sha256"]) == (size, digest)
+        assert held, "the mirror never connected to the shadow"
+        # Had the client waited for the shadow, it would have stalled until the mirror's
+        # 10 s timeout released it.
+        assert elapsed < 8, elapsed
+        wait_until(lambda: metric_sum(px.metrics(), "smesh_mirror_requests_total", service="shadow",
+                                      result="failed") == 1, 15, what="the cut mirror counted as failed")
+        assert metric_sum(px.metrics(), "smesh_mirror_requests_total", service="shadow", result="sent") == 0
+    finally:
+        stop.set()
+        t.join(5)
+        for c in held:
+            c.close()
+        stuck.close()

@@ -1,6 +1,7 @@
 //! The one body type the proxy sends in both directions, so no request needs boxing.
 
 use crate::pool::PoolReturn;
+use crate::tee::Tee;
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -16,8 +17,15 @@ pub enum Body {
     /// An upstream response body; its connection goes back to the pool once the body is done.
     Upstream(Incoming, PoolReturn),
     /// A request body streamed while a copy is kept for retries.
-    Replay(crate::replay::ReplayBody),
+    Replay(crate::replay::ReplayBody<Tee>),
+    /// A request body streamed to the upstream and copied to mirrors as it goes.
+    Tee(Tee),
+    /// A mirror's request body: a copy of the client's, frame by frame.
+    Tap(crate::tee::Tap),
 }
+
+/// Errors of any body variant (hyper's, or a mirror's copy cut off).
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Body {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
@@ -32,21 +40,23 @@ impl Body {
 
 impl HttpBody for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Body::Streaming(body) => Pin::new(body).poll_frame(cx),
+            Body::Streaming(body) => boxed(Pin::new(body).poll_frame(cx)),
             Body::Upstream(body, done) => {
                 let frame = Pin::new(body).poll_frame(cx);
                 if let Poll::Ready(None) = frame {
                     done.release();
                 }
-                frame
+                boxed(frame)
             }
-            Body::Replay(body) => Pin::new(body).poll_frame(cx),
+            Body::Replay(body) => boxed(Pin::new(body).poll_frame(cx)),
+            Body::Tee(body) => boxed(Pin::new(body).poll_frame(cx)),
+            Body::Tap(body) => boxed(Pin::new(body).poll_frame(cx)),
         }
     }
 
@@ -56,6 +66,8 @@ impl HttpBody for Body {
             Body::Full(data) => data.is_none(),
             Body::Streaming(body) | Body::Upstream(body, _) => body.is_end_stream(),
             Body::Replay(body) => body.is_end_stream(),
+            Body::Tee(body) => body.is_end_stream(),
+            Body::Tap(body) => body.is_end_stream(),
         }
     }
 
@@ -65,6 +77,14 @@ impl HttpBody for Body {
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Body::Streaming(body) | Body::Upstream(body, _) => body.size_hint(),
             Body::Replay(body) => body.size_hint(),
+            Body::Tee(body) => body.size_hint(),
+            Body::Tap(body) => body.size_hint(),
         }
     }
+}
+
+type Polled<E> = Poll<Option<Result<Frame<Bytes>, E>>>;
+
+fn boxed<E: Into<BodyError>>(polled: Polled<E>) -> Polled<BodyError> {
+    polled.map(|frame| frame.map(|r| r.map_err(Into::into)))
 }

@@ -9,7 +9,6 @@ use crate::balance::Balancer;
 use crate::body::Body;
 use crate::fault::Fault;
 use crate::mirror::{Mirror, MirrorCounters};
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Uri};
@@ -122,11 +121,6 @@ impl Filters {
         Some(Box::new(f))
     }
 
-    /// Whether the request body should be kept in memory (to mirror it).
-    pub fn wants_body(&self) -> bool {
-        !self.mirrors.is_empty()
-    }
-
     /// Applies the request filters to the head about to be forwarded. `Some(response)` ends
     /// the request here (a redirect or an injected abort).
     pub async fn on_request(&self, parts: &mut Parts) -> Option<Response<Body>> {
@@ -152,16 +146,19 @@ impl Filters {
     }
 
     /// Sends the configured mirrors of this request (fire-and-forget).
+    /// Starts the mirrors this request gets; for a streamed body, the senders its frames
+    /// are to be copied to.
     pub fn mirror(
         &self,
         parts: &Parts,
-        body: Option<&Bytes>,
+        body: &crate::mirror::MirrorBody<'_>,
         connect_timeout: Duration,
         mesh_tls: Option<&Arc<crate::identity::MeshTls>>,
-    ) {
-        for m in &self.mirrors {
-            m.send(parts, body, connect_timeout, mesh_tls);
-        }
+    ) -> Vec<crate::tee::TapSender> {
+        self.mirrors
+            .iter()
+            .filter_map(|m| m.send(parts, body, connect_timeout, mesh_tls))
+            .collect()
     }
 
     pub fn on_response(&self, resp: &mut Response<Body>) {

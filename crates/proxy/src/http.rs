@@ -7,10 +7,12 @@ use crate::balance::{mark_failed, Balancer, InFlight};
 use crate::body::Body;
 use crate::errors::ProxyError;
 use crate::headers::{authority, grpc_timeout, is_grpc, is_upgrade, strip_hop_by_hop};
+use crate::mirror::MirrorBody;
 use crate::pool::{self, SendError};
 use crate::route::Rule;
 use crate::server::Shared;
 use crate::tcp;
+use crate::tee::Tee;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
@@ -194,12 +196,10 @@ impl HttpProxy {
         // of it is kept as it streams (its length unknown up front, e.g. gRPC).
         let retry = rule.retry.as_ref().filter(|_| !upgrade);
         let mut replay: Option<Bytes> = None;
-        let mut replayable: Option<crate::replay::Replay> = None;
-        let mut streamed: Option<Body> = None;
-        let keep_body = retry.is_some() || rule.filters.as_ref().is_some_and(|f| f.wants_body());
-        if keep_body && incoming.is_end_stream() {
+        let mut source: Option<Incoming> = None;
+        if retry.is_some() && incoming.is_end_stream() {
             replay = Some(Bytes::new());
-        } else if keep_body
+        } else if retry.is_some()
             && incoming
                 .size_hint()
                 .upper()
@@ -212,25 +212,43 @@ impl HttpProxy {
                 Ok(collected) => replay = Some(collected.to_bytes()),
                 Err(e) => return Err((ProxyError::BadRequest, format!("reading request body: {e}"))),
             }
-        } else if retry.is_some() && incoming.size_hint().upper().is_none() {
-            replayable = Some(crate::replay::Replay::new(
-                incoming,
-                limits.max_retry_body_bytes as usize,
-            ));
         } else {
-            if retry.is_some() {
-                self.shared
-                    .metrics
-                    .retries_skipped
-                    .with_label_values(&["body_too_large"])
-                    .inc();
-            }
-            streamed = Some(Body::Streaming(incoming));
+            source = Some(incoming);
         }
 
         let mesh_tls = self.shared.tls.load_full();
-        if let Some(filters) = &rule.filters {
-            filters.mirror(&parts, replay.as_ref(), limits.connect_timeout, mesh_tls.as_ref());
+        // Mirrors get the kept body, or a copy of the streamed one frame by frame.
+        let taps = match &rule.filters {
+            Some(filters) => {
+                let body = match (&replay, &source) {
+                    (Some(kept), _) => MirrorBody::Kept(kept),
+                    (None, Some(incoming)) => MirrorBody::Streamed(incoming.size_hint()),
+                    (None, None) => MirrorBody::Streamed(http_body::SizeHint::with_exact(0)),
+                };
+                filters.mirror(&parts, &body, limits.connect_timeout, mesh_tls.as_ref())
+            }
+            None => Vec::new(),
+        };
+        let mut replayable: Option<crate::replay::Replay<Tee>> = None;
+        let mut streamed: Option<Body> = None;
+        if let Some(incoming) = source {
+            let body = Tee::new(incoming, taps);
+            if retry.is_some() && body.size_hint().upper().is_none() {
+                replayable = Some(crate::replay::Replay::new(body, limits.max_retry_body_bytes as usize));
+            } else {
+                if retry.is_some() {
+                    self.shared
+                        .metrics
+                        .retries_skipped
+                        .with_label_values(&["body_too_large"])
+                        .inc();
+                }
+                streamed = Some(if body.is_tapped() {
+                    Body::Tee(body)
+                } else {
+                    Body::Streaming(body.into_inner())
+                });
+            }
         }
         // An inbound request that crossed the mesh as HTTP/2 says what its client spoke.
         let client_version = match parts.headers.remove(&ORIG_PROTO) {

@@ -38,6 +38,7 @@ pub mod server;
 pub mod shed;
 pub mod snapshot;
 pub mod tcp;
+pub mod tee;
 
 use crate::balance::{Balancer, Endpoint};
 use crate::http::Target;

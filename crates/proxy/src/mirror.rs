@@ -1,11 +1,13 @@
 //! The `RequestMirror` filter: a copy of a share of requests goes to a shadow service,
 //! fire-and-forget. The shadow's answers and failures are read and dropped, never seen by the
 //! client; each worker keeps at most [`MAX_IN_FLIGHT_PER_WORKER`] mirrors in flight and drops
-//! (and counts) the rest, so a slow shadow cannot hold memory or slow the client.
+//! (and counts) the rest, so a slow shadow cannot hold memory or slow the client. A body kept
+//! in memory is sent from there; a streamed one is copied frame by frame ([`crate::tee`]).
 
 use crate::balance::{Balancer, InFlight};
 use crate::body::Body;
 use crate::http::{build_request, upstream_version, ORIG_PROTO};
+use crate::tee::TapSender;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{Request, Version};
@@ -40,7 +42,8 @@ pub struct MirrorCounters {
     pub failed: IntCounter,
     /// Not sent: too many mirrors in flight on this worker, or no endpoint.
     pub dropped: IntCounter,
-    /// Not sent: the request body was streamed, not kept.
+    /// Not sent: the request's body could not be copied. Kept for the metric's label set;
+    /// since streamed bodies are copied frame by frame nothing counts here.
     pub skipped: IntCounter,
 }
 
@@ -66,29 +69,33 @@ impl Drop for Slot {
 }
 
 impl Mirror {
-    /// Maybe sends a copy of the request (head as it will be forwarded, body if kept). A
-    /// shadow behind a smesh proxy is reached over mesh mTLS, as the primary is.
+    /// Maybe sends a copy of the request (head as it will be forwarded). A shadow behind a
+    /// smesh proxy is reached over mesh mTLS, as the primary is. For a streamed body the
+    /// returned sender is to be fed the body's frames ([`crate::tee::Tee`]).
     pub fn send(
         &self,
         head: &Parts,
-        body: Option<&Bytes>,
+        body: &MirrorBody<'_>,
         connect_timeout: Duration,
         mesh_tls: Option<&Arc<crate::identity::MeshTls>>,
-    ) {
+    ) -> Option<TapSender> {
         if !crate::fault::chance(self.fraction) {
-            return;
+            return None;
         }
-        let Some(body) = body else {
-            self.counters.skipped.inc();
-            return;
-        };
         let Some(slot) = Slot::take() else {
             self.counters.dropped.inc();
-            return;
+            return None;
         };
         let Some(endpoint) = self.balancer.pick(&[]).cloned() else {
             self.counters.dropped.inc();
-            return;
+            return None;
+        };
+        let (body, tap) = match body {
+            MirrorBody::Kept(bytes) => (Body::full((*bytes).clone()), None),
+            MirrorBody::Streamed(size) => {
+                let (sender, tap) = crate::tee::tap(*size);
+                (Body::Tap(tap), Some(sender))
+            }
         };
         let app_version = upstream_version(self.protocol, head.version, false);
         let mesh = mesh_tls
@@ -107,7 +114,7 @@ impl Mirror {
                 .insert(ORIG_PROTO, http::HeaderValue::from_static("HTTP/1.1"));
         }
         let (parts, ()) = req.into_parts();
-        let req = build_request(parts, version, Body::full(body.clone()));
+        let req = build_request(parts, version, body);
         let counters = self.counters.clone();
         let settings = crate::pool::PoolSettings::new(connect_timeout, None);
         tokio::spawn(async move {
@@ -126,5 +133,14 @@ impl Mirror {
                 _ => counters.failed.inc(),
             }
         });
+        tap
     }
+}
+
+/// The request body as a mirror gets it.
+pub enum MirrorBody<'a> {
+    /// Kept in memory.
+    Kept(&'a Bytes),
+    /// Streamed from the client; its size hint.
+    Streamed(http_body::SizeHint),
 }
