@@ -232,8 +232,8 @@ impl HttpProxy {
         let mut replayable: Option<crate::replay::Replay<Tee>> = None;
         let mut streamed: Option<Body> = None;
         if let Some(incoming) = source {
-            let body = Tee::new(incoming, taps);
-            if retry.is_some() && body.size_hint().upper().is_none() {
+            if retry.is_some() && incoming.size_hint().upper().is_none() {
+                let body = Tee::new(incoming, taps);
                 replayable = Some(crate::replay::Replay::new(body, limits.max_retry_body_bytes as usize));
             } else {
                 if retry.is_some() {
@@ -243,10 +243,10 @@ impl HttpProxy {
                         .with_label_values(&["body_too_large"])
                         .inc();
                 }
-                streamed = Some(if body.is_tapped() {
-                    Body::Tee(body)
+                streamed = Some(if taps.is_empty() {
+                    Body::Streaming(incoming)
                 } else {
-                    Body::Streaming(body.into_inner())
+                    Body::Tee(Tee::new(incoming, taps))
                 });
             }
         }

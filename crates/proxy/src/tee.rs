@@ -82,10 +82,6 @@ impl<B: HttpBody> Tee<B> {
         !self.taps.is_empty()
     }
 
-    pub fn into_inner(self) -> B {
-        self.source
-    }
-
     fn finish(&mut self) {
         for tap in self.taps.drain(..) {
             tap.complete.store(true, Ordering::Release);
