@@ -39,6 +39,8 @@ pub mod shed;
 pub mod snapshot;
 pub mod tcp;
 pub mod tee;
+#[cfg(test)]
+mod test_bodies;
 
 use crate::balance::{Balancer, Endpoint};
 use crate::http::Target;

@@ -145,23 +145,8 @@ fn keep<B>(state: &mut State<B>, data: &Bytes) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::{BodyExt, StreamBody};
-    use std::convert::Infallible;
-
-    type Frames = StreamBody<tokio_stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
-
-    fn source(chunks: &[&'static str], trailers: bool) -> Frames {
-        let mut frames: Vec<Result<Frame<Bytes>, Infallible>> = chunks
-            .iter()
-            .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
-            .collect();
-        if trailers {
-            let mut t = HeaderMap::new();
-            t.insert("grpc-status", "0".parse().unwrap());
-            frames.push(Ok(Frame::trailers(t)));
-        }
-        StreamBody::new(tokio_stream::iter(frames))
-    }
+    use crate::test_bodies::{frames as source, Frames};
+    use http_body_util::BodyExt;
 
     async fn read_all(body: ReplayBody<Frames>) -> (Vec<u8>, Option<HeaderMap>) {
         let collected = body.collect().await.unwrap();

@@ -153,24 +153,8 @@ impl HttpBody for Tap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderMap;
-    use http_body_util::{BodyExt, StreamBody};
-    use std::convert::Infallible;
-
-    type Frames = StreamBody<tokio_stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
-
-    fn source(chunks: &[&'static str], trailers: bool) -> Frames {
-        let mut frames: Vec<Result<Frame<Bytes>, Infallible>> = chunks
-            .iter()
-            .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
-            .collect();
-        if trailers {
-            let mut t = HeaderMap::new();
-            t.insert("grpc-status", "0".parse().unwrap());
-            frames.push(Ok(Frame::trailers(t)));
-        }
-        StreamBody::new(tokio_stream::iter(frames))
-    }
+    use crate::test_bodies::frames as source;
+    use http_body_util::BodyExt;
 
     #[tokio::test]
     async fn every_mirror_gets_the_whole_body_and_its_trailers() {
