@@ -526,8 +526,13 @@ async fn survives_the_loss_of_a_member() {
 
 #[tokio::test]
 async fn unreachable_cluster_is_a_clear_error() {
-    // No etcd needed: nothing listens on these ports.
-    let urls = vec![format!("http://127.0.0.1:{}", free_port())];
+    // No etcd needed: the port is bound but not listening, so connections are refused, and
+    // it stays taken while the test runs (a port merely found free could be handed to an
+    // etcd that a test running alongside starts).
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let port = reserved.local_addr().unwrap().port();
+    let urls = vec![format!("http://127.0.0.1:{port}")];
     let started = Instant::now();
     let err = match tokio::time::timeout(Duration::from_secs(30), EtcdStore::connect(&urls, "/smesh")).await {
         Ok(Err(err)) => err,
