@@ -145,7 +145,6 @@ impl Filters {
         None
     }
 
-    /// Sends the configured mirrors of this request (fire-and-forget).
     /// Starts the mirrors this request gets; for a streamed body, the senders its frames
     /// are to be copied to.
     pub fn mirror(
