@@ -84,7 +84,8 @@ impl HttpProxy {
                 if req.method() == Method::CONNECT {
                     let balancer = service.balancer.clone();
                     drop(snapshot);
-                    return Ok(self.tunnel(&mut req, &balancer).await);
+                    // Rare and with a large future: boxed, it does not weigh on every request's.
+                    return Ok(Box::pin(self.tunnel(&mut req, &balancer)).await);
                 }
                 match service.route(&req) {
                     Some(rule) => (rule.clone(), None),
@@ -187,7 +188,7 @@ impl HttpProxy {
         }
         // HTTPRoute filters: a redirect or an injected abort answers here.
         if let Some(filters) = &rule.filters {
-            if let Some(resp) = filters.on_request(&mut parts).await {
+            if let Some(resp) = Box::pin(filters.on_request(&mut parts)).await {
                 return Ok(resp);
             }
         }
@@ -205,10 +206,7 @@ impl HttpProxy {
                 .upper()
                 .is_some_and(|n| n <= limits.max_retry_body_bytes)
         {
-            match Limited::new(incoming, limits.max_retry_body_bytes as usize)
-                .collect()
-                .await
-            {
+            match Box::pin(Limited::new(incoming, limits.max_retry_body_bytes as usize).collect()).await {
                 Ok(collected) => replay = Some(collected.to_bytes()),
                 Err(e) => return Err((ProxyError::BadRequest, format!("reading request body: {e}"))),
             }
@@ -259,7 +257,8 @@ impl HttpProxy {
         // need it again, and handed back by a failed connect.
         let mut head = Some(parts);
         let mut saved: Option<crate::saved_head::SavedHead> = None;
-        let tries = async {
+        // Pinned in place: the timeout below wraps a pointer to it, not a second copy.
+        let tries = std::pin::pin!(async {
             let mut tried: Vec<SocketAddr> = Vec::new();
             let mut retries = 0u32;
             // A retry avoids the endpoint that just failed when another one is left.
@@ -372,7 +371,14 @@ impl HttpProxy {
                     limits.connect_timeout,
                     backend.policy.as_ref().and_then(|p| p.spec.connection_pool.as_deref()),
                 );
-                let send = pool::send(endpoint.addr, version, upstream_req, settings, upgrade, mesh);
+                let send = std::pin::pin!(pool::send(
+                    endpoint.addr,
+                    version,
+                    upstream_req,
+                    settings,
+                    upgrade,
+                    mesh
+                ));
                 let outcome = match rule.try_timeout {
                     Some(t) => tokio::time::timeout(t, send).await.ok(),
                     None => Some(send.await),
@@ -458,7 +464,7 @@ impl HttpProxy {
                     tokio::time::sleep(policy.backoff.saturating_mul(1 << (retries - 1).min(6))).await;
                 }
             }
-        };
+        });
         let mut resp = match deadline {
             Some(d) => match tokio::time::timeout_at((start + d).into(), tries).await {
                 Ok(r) => r?,

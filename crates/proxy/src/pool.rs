@@ -223,7 +223,7 @@ async fn h1_handshake<I>(io: I, addr: SocketAddr) -> Result<http1::SendRequest<B
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (sender, conn) = http1::handshake(io).await?;
+    let (sender, conn) = http1::Builder::new().writev(false).handshake(io).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(%addr, error = %e, "upstream connection ended");

@@ -301,6 +301,7 @@ impl Connection {
             let service = service_fn(move |req| proxy.clone().handle(req));
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
+                .writev(false)
                 .max_buf_size(limits.max_header_bytes.max(8192))
                 .header_read_timeout(limits.idle_timeout)
                 .serve_connection(TokioIo::new(io), service)
