@@ -55,6 +55,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// Scheduler ticks between a busy worker's polls of epoll (tokio's default is 61). A worker
+/// that always has ready tasks checks for new I/O only this often; larger batches mean fewer
+/// epoll_wait calls per request. Measured on one worker (wrk -c64 HTTP/1.1, h2load -c8 -m16
+/// h2c): 61 -> 200..1000 gave +2% and +5% req/s, with no gain beyond; at most ~256 task
+/// polls (well under a millisecond) pass before a saturated worker sees new events.
+const WORKER_EVENT_INTERVAL: u32 = 256;
+
 pub use server::Limits;
 
 /// Everything `smesh proxy` is told on its command line.
@@ -227,7 +234,11 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         let thread = std::thread::Builder::new()
             .name(format!("smesh-worker-{index}"))
             .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .event_interval(WORKER_EVENT_INTERVAL)
+                    .enable_all()
+                    .build()
+                {
                     Ok(rt) => rt,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot start worker runtime");
