@@ -22,6 +22,8 @@ pub enum Body {
     Tee(Tee),
     /// A mirror's request body: a copy of the client's, frame by frame.
     Tap(crate::tee::Tap),
+    /// An upstream response body over HTTP/2.
+    H2(crate::h2_upstream::ResponseBody),
 }
 
 /// Errors of any body variant (hyper's, or a mirror's copy cut off).
@@ -57,6 +59,7 @@ impl HttpBody for Body {
             Body::Replay(body) => boxed(Pin::new(body).poll_frame(cx)),
             Body::Tee(body) => boxed(Pin::new(body).poll_frame(cx)),
             Body::Tap(body) => boxed(Pin::new(body).poll_frame(cx)),
+            Body::H2(body) => boxed(Pin::new(body).poll_frame(cx)),
         }
     }
 
@@ -68,6 +71,7 @@ impl HttpBody for Body {
             Body::Replay(body) => body.is_end_stream(),
             Body::Tee(body) => body.is_end_stream(),
             Body::Tap(body) => body.is_end_stream(),
+            Body::H2(body) => body.is_end_stream(),
         }
     }
 
@@ -79,6 +83,7 @@ impl HttpBody for Body {
             Body::Replay(body) => body.size_hint(),
             Body::Tee(body) => body.size_hint(),
             Body::Tap(body) => body.size_hint(),
+            Body::H2(body) => body.size_hint(),
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod detect;
 pub mod errors;
 pub mod fault;
 pub mod filters;
+pub mod h2_upstream;
 pub mod headers;
 pub mod health;
 pub mod http;

@@ -2,11 +2,12 @@
 //! HTTP/1 connections and shared HTTP/2 connections live in thread-local tables, so the
 //! request path takes no lock and a connection never hops between threads.
 
-use crate::body::Body;
+use crate::body::{Body, BodyError};
+use crate::h2_upstream;
 use crate::tcp::Io;
 use http::{Request, Response, Version};
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use rustc_hash::FxHashMap;
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
@@ -51,14 +52,14 @@ type IdleH1 = FxHashMap<SocketAddr, Vec<(Instant, http1::SendRequest<Body>)>>;
 thread_local! {
     static IDLE_H1: RefCell<IdleH1> = RefCell::new(FxHashMap::default());
     /// Shared HTTP/2 connections, plain and mesh mTLS (the bool), per endpoint.
-    static H2: RefCell<FxHashMap<(SocketAddr, bool), http2::SendRequest<Body>>> = RefCell::new(FxHashMap::default());
+    static H2: RefCell<FxHashMap<(SocketAddr, bool), h2_upstream::Connection>> = RefCell::new(FxHashMap::default());
 }
 
 pub enum SendError {
     /// No connection could be made: nothing was sent, the request is handed back.
     Connect(io::Error, Box<Request<Body>>),
     /// The request may have reached the upstream.
-    Upstream(hyper::Error),
+    Upstream(BodyError),
 }
 
 /// Hands an HTTP/1 connection back to the worker's idle pool when a response body is done
@@ -193,7 +194,7 @@ pub async fn send(
             Ok(resp) => return Ok(pooled_response(resp, addr, sender, upgrade, settings)),
             Err(mut e) => match e.take_message() {
                 Some(back) => req = back,
-                None => return Err(SendError::Upstream(e.into_error())),
+                None => return Err(SendError::Upstream(e.into_error().into())),
             },
         }
     }
@@ -211,10 +212,12 @@ async fn connect_h1_and_send(
         Ok(io) => io,
         Err(e) => return Err(SendError::Connect(e, Box::new(req))),
     };
-    let mut sender = h1_handshake(io, addr).await.map_err(SendError::Upstream)?;
+    let mut sender = h1_handshake(io, addr)
+        .await
+        .map_err(|e| SendError::Upstream(e.into()))?;
     match sender.send_request(req).await {
         Ok(resp) => Ok(pooled_response(resp, addr, sender, upgrade, settings)),
-        Err(e) => Err(SendError::Upstream(e)),
+        Err(e) => Err(SendError::Upstream(e.into())),
     }
 }
 
@@ -259,30 +262,32 @@ async fn send_h1_tunnel(
         Ok(io) => io,
         Err(e) => return Err(SendError::Connect(e, Box::new(req))),
     };
-    let mut sender = h1_handshake(io, addr).await.map_err(SendError::Upstream)?;
+    let mut sender = h1_handshake(io, addr)
+        .await
+        .map_err(|e| SendError::Upstream(e.into()))?;
     match sender.send_request(req).await {
         Ok(resp) => Ok(resp.map(|b| Body::Upstream(b, PoolReturn::none()))),
-        Err(e) => Err(SendError::Upstream(e)),
+        Err(e) => Err(SendError::Upstream(e.into())),
     }
 }
 
 async fn send_h2(
     addr: SocketAddr,
-    mut req: Request<Body>,
+    req: Request<Body>,
     connect_timeout: Duration,
     mesh: Option<&Mesh>,
 ) -> Result<Response<Body>, SendError> {
     let key = (addr, mesh.is_some());
-    let existing = H2.with(|h2| h2.borrow().get(&key).filter(|s| !s.is_closed()).cloned());
-    if let Some(mut sender) = existing {
-        match sender.try_send_request(req).await {
-            Ok(resp) => return Ok(resp.map(|b| Body::Upstream(b, PoolReturn::none()))),
-            Err(mut e) => match e.take_message() {
-                Some(back) => req = back,
-                None => return Err(SendError::Upstream(e.into_error())),
-            },
-        }
-    }
+    let existing = H2.with(|h2| h2.borrow().get(&key).filter(|c| !c.is_closed()).cloned());
+    let req = match existing {
+        Some(conn) => match conn.send(req).await {
+            Ok(resp) => return Ok(resp.map(Body::H2)),
+            // Closed or going away: a new connection takes it.
+            Err(h2_upstream::SendFailure::NotSent(req)) => req,
+            Err(h2_upstream::SendFailure::Sent(e)) => return Err(SendError::Upstream(e.into())),
+        },
+        None => req,
+    };
     // The connect path's future is large and rare: boxed, it does not weigh on every
     // request's future (which is moved as a whole).
     Box::pin(connect_h2_and_send(addr, req, connect_timeout, mesh)).await
@@ -299,23 +304,16 @@ async fn connect_h2_and_send(
         Ok(io) => io,
         Err(e) => return Err(SendError::Connect(e, Box::new(req))),
     };
-    let (mut sender, conn) = match http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30))
-        .handshake(io)
-        .await
-    {
-        Ok(pair) => pair,
-        Err(e) => return Err(SendError::Upstream(e)),
+    let conn = match h2_upstream::Connection::handshake(io.into_inner(), addr).await {
+        Ok(conn) => conn,
+        Err(e) => return Err(SendError::Upstream(e.into())),
     };
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(%addr, error = %e, "upstream h2 connection ended");
+    H2.with(|h2| h2.borrow_mut().insert(key, conn.clone()));
+    match conn.send(req).await {
+        Ok(resp) => Ok(resp.map(Body::H2)),
+        Err(h2_upstream::SendFailure::NotSent(_)) => {
+            Err(SendError::Upstream("a new HTTP/2 connection took no stream".into()))
         }
-    });
-    H2.with(|h2| h2.borrow_mut().insert(key, sender.clone()));
-    match sender.send_request(req).await {
-        Ok(resp) => Ok(resp.map(|b| Body::Upstream(b, PoolReturn::none()))),
-        Err(e) => Err(SendError::Upstream(e)),
+        Err(h2_upstream::SendFailure::Sent(e)) => Err(SendError::Upstream(e.into())),
     }
 }

@@ -1,0 +1,365 @@
+//! HTTP/2 connections to upstreams, driven with the `h2` crate itself rather than through
+//! hyper's client.
+//!
+//! hyper's HTTP/2 client hands every request through a channel to the connection's task and
+//! spawns one more task per request to wait for the response; each of those tasks is as big
+//! as the connection's own state, so every request paid a large allocation and copy. Here
+//! the task that proxies a request opens the stream and awaits the response itself; only a
+//! request body still streaming gets a task of its own (it must flow while the response is
+//! awaited). The response body is read, and its flow-control window released, by whoever
+//! polls it.
+
+use crate::body::BodyError;
+use crate::headers::strip_hop_by_hop;
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::{HeaderMap, Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Flow-control windows (hyper's client defaults): one slow reader does not throttle a
+/// bulk transfer on a shared connection.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// An idle-looking connection is PINGed this often; no answer within the timeout closes it
+/// (a peer that vanished without a FIN would otherwise hold streams forever).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A shared connection: a handle to open streams on, and whether its driver has ended.
+#[derive(Clone)]
+pub struct Connection {
+    sender: SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+/// Why a request got no response.
+pub enum SendFailure<B> {
+    /// The connection takes no new streams (closed, or going away): nothing was sent.
+    NotSent(Request<B>),
+    /// The request may have reached the upstream.
+    Sent(h2::Error),
+}
+
+impl Connection {
+    /// The HTTP/2 handshake on `io`; the connection is driven (and kept alive with PINGs)
+    /// by a task of its own.
+    pub async fn handshake<I>(io: I, addr: SocketAddr) -> Result<Self, h2::Error>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, mut conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .handshake::<_, Bytes>(io)
+            .await?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
+        let ping = conn.ping_pong();
+        tokio::spawn(async move {
+            let outcome = match ping {
+                Some(ping) => tokio::select! {
+                    r = &mut conn => r.map_err(|e| e.to_string()),
+                    why = keepalive(ping) => Err(why),
+                },
+                None => conn.await.map_err(|e| e.to_string()),
+            };
+            ended.store(true, Ordering::Release);
+            if let Err(e) = outcome {
+                tracing::debug!(%addr, error = %e, "upstream h2 connection ended");
+            }
+        });
+        Ok(Connection { sender, closed })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Opens a stream for `req` and waits for the response head.
+    pub async fn send<B>(&self, req: Request<B>) -> Result<Response<ResponseBody>, SendFailure<B>>
+    where
+        B: HttpBody<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: Into<BodyError>,
+    {
+        let mut sender = self.sender.clone();
+        if poll_fn(|cx| sender.poll_ready(cx)).await.is_err() {
+            return Err(SendFailure::NotSent(req));
+        }
+        let (parts, body) = req.into_parts();
+        let mut head = Request::from_parts(parts, ());
+        // HTTP/2 forbids connection-specific headers (h2 refuses to send them).
+        strip_hop_by_hop(head.headers_mut());
+        let end_of_stream = body.is_end_stream();
+        let (response, stream) = sender.send_request(head, end_of_stream).map_err(SendFailure::Sent)?;
+        if !end_of_stream {
+            tokio::spawn(pipe(body, stream));
+        }
+        let (parts, recv) = response.await.map_err(SendFailure::Sent)?.into_parts();
+        let body = ResponseBody::new(recv, &parts.headers);
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// PINGs the peer every [`KEEPALIVE_INTERVAL`]; returns why the connection is dead.
+async fn keepalive(mut ping: h2::PingPong) -> String {
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(e)) => return format!("keepalive PING: {e}"),
+            Err(_) => return format!("no PING answer in {KEEPALIVE_TIMEOUT:?}"),
+        }
+    }
+}
+
+/// Streams a request body to its stream, within the peer's flow-control window. A body that
+/// fails, or a stream the peer reset, ends it (the peer is told with RST_STREAM(CANCEL)).
+async fn pipe<B>(mut body: B, mut stream: SendStream<Bytes>)
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BodyError>,
+{
+    if let Err(e) = pipe_frames(&mut body, &mut stream).await {
+        tracing::debug!(error = %e, "request body to an upstream h2 stream ended early");
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+}
+
+async fn pipe_frames<B>(body: &mut B, stream: &mut SendStream<Bytes>) -> Result<(), BodyError>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BodyError>,
+{
+    loop {
+        // Room for at least one byte before taking a frame from the body: backpressure.
+        stream.reserve_capacity(1);
+        while stream.capacity() == 0 {
+            match poll_fn(|cx| stream.poll_capacity(cx)).await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err("upstream stream closed".into()),
+            }
+        }
+        let frame = poll_fn(|cx| {
+            if let Poll::Ready(reset) = stream.poll_reset(cx) {
+                let why: BodyError = match reset {
+                    Ok(reason) => format!("upstream reset the stream: {reason}").into(),
+                    Err(e) => e.into(),
+                };
+                return Poll::Ready(Some(Err(why)));
+            }
+            Pin::new(&mut *body).poll_frame(cx).map_err(Into::into)
+        })
+        .await;
+        let frame = match frame {
+            None => {
+                stream.send_data(Bytes::new(), true)?;
+                return Ok(());
+            }
+            Some(frame) => frame?,
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                let end = body.is_end_stream();
+                if !data.is_empty() || end {
+                    stream.send_data(data, end)?;
+                }
+                if end {
+                    return Ok(());
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    stream.send_trailers(trailers)?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// A response body from an upstream HTTP/2 stream; data read is given back to the peer's
+/// window at once (the downstream write is what paces the reader).
+pub struct ResponseBody {
+    recv: RecvStream,
+    data_done: bool,
+    content_length: Option<u64>,
+}
+
+impl ResponseBody {
+    /// `headers`: the response's, whose `content-length` makes the size hint exact (an
+    /// HTTP/1.1 client then gets a sized response rather than a chunked one).
+    fn new(recv: RecvStream, headers: &HeaderMap) -> Self {
+        let content_length = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        ResponseBody {
+            recv,
+            data_done: false,
+            content_length,
+        }
+    }
+}
+
+impl HttpBody for ResponseBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.content_length {
+            _ if self.recv.is_end_stream() => SizeHint::with_exact(0),
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+    use std::convert::Infallible;
+    use tokio::net::{TcpListener, TcpStream};
+
+    const REQUEST_BYTES: usize = 5 << 20;
+    const RESPONSE_BYTES: usize = 8 << 20;
+
+    /// An h2 server (default 64 KiB windows) that reads each request body whole, then
+    /// answers with RESPONSE_BYTES and trailers saying what it received.
+    async fn serve_one_connection(listener: TcpListener) {
+        let (socket, _) = listener.accept().await.expect("accept");
+        let mut conn = h2::server::handshake(socket).await.expect("server handshake");
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            tokio::spawn(async move {
+                let mut body = req.into_body();
+                let mut received = 0;
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.expect("request data");
+                    received += chunk.len();
+                    body.flow_control().release_capacity(chunk.len()).expect("release");
+                }
+                let trailer = body.trailers().await.expect("request trailers");
+                let status = trailer.and_then(|t| t.get("grpc-status").cloned());
+                let mut send = respond.send_response(Response::new(()), false).expect("respond");
+                let mut left = RESPONSE_BYTES;
+                while left > 0 {
+                    send.reserve_capacity(left.min(16 << 10));
+                    let room = poll_fn(|cx| send.poll_capacity(cx))
+                        .await
+                        .expect("open")
+                        .expect("capacity");
+                    let n = room.min(left);
+                    send.send_data(Bytes::from(vec![7u8; n]), false).expect("send data");
+                    left -= n;
+                }
+                let mut trailers = HeaderMap::new();
+                trailers.insert("received", received.to_string().parse().expect("number"));
+                if let Some(status) = status {
+                    trailers.insert("client-grpc-status", status);
+                }
+                send.send_trailers(trailers).expect("send trailers");
+            });
+        }
+    }
+
+    fn request_body() -> impl HttpBody<Data = Bytes, Error = Infallible> + Unpin + Send + 'static {
+        let mut frames: Vec<Result<Frame<Bytes>, Infallible>> = (0..REQUEST_BYTES / (64 << 10))
+            .map(|_| Ok(Frame::data(Bytes::from(vec![1u8; 64 << 10]))))
+            .collect();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        frames.push(Ok(Frame::trailers(trailers)));
+        StreamBody::new(tokio_stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn bodies_larger_than_the_windows_and_trailers_cross_both_ways() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(serve_one_connection(listener));
+        let io = TcpStream::connect(addr).await.expect("connect");
+        let conn = Connection::handshake(io, addr).await.expect("handshake");
+        let req = Request::post(format!("http://{addr}/upload"))
+            .body(request_body())
+            .expect("request");
+        // A window never given back would stall the exchange: bounded, it fails instead.
+        let exchange = async {
+            let Ok(resp) = conn.send(req).await else {
+                panic!("no response");
+            };
+            assert_eq!(resp.status(), 200);
+            resp.into_body().collect().await.expect("response body")
+        };
+        let collected = tokio::time::timeout(Duration::from_secs(30), exchange)
+            .await
+            .expect("the exchange finishes");
+        let trailers = collected.trailers().cloned().expect("response trailers");
+        assert_eq!(collected.to_bytes().len(), RESPONSE_BYTES);
+        assert_eq!(trailers.get("received").expect("received"), &REQUEST_BYTES.to_string());
+        assert_eq!(
+            trailers.get("client-grpc-status").expect("request trailers arrived"),
+            "0"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_hands_the_request_back() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            // Handshake, then close the connection at once.
+            drop(h2::server::handshake(socket).await.expect("server handshake"));
+        });
+        let io = TcpStream::connect(addr).await.expect("connect");
+        let conn = Connection::handshake(io, addr).await.expect("handshake");
+        server.await.expect("server");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !conn.is_closed() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the driver notices the close");
+        let req = Request::get(format!("http://{addr}/")).body(http_body_util::Empty::<Bytes>::new());
+        match conn.send(req.expect("request")).await {
+            Err(SendFailure::NotSent(back)) => assert_eq!(back.uri().path(), "/"),
+            Err(SendFailure::Sent(e)) => panic!("sent on a closed connection: {e}"),
+            Ok(_) => panic!("a response from a closed connection"),
+        }
+    }
+}
