@@ -25,11 +25,18 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// Flow-control windows (hyper's client defaults): one slow reader does not throttle a
-/// bulk transfer on a shared connection.
+/// Settings as hyper's client had them. Flow-control windows: one slow reader does not
+/// throttle a bulk transfer on a shared connection.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// Streams opened before the peer's SETTINGS say how many it takes (hyper's default).
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
+/// The largest response header list accepted from an upstream (hyper's client default).
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// Streams the peer may make us reset for its protocol errors before the connection is
+/// dropped (hyper's default; a defence against floods of bad frames).
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// An idle-looking connection is PINGed this often; no answer within the timeout closes it
 /// (a peer that vanished without a FIN would otherwise hold streams forever).
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -61,6 +68,10 @@ impl Connection {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_send_buffer_size(MAX_SEND_BUFFER)
+            .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
+            .max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+            .enable_push(false)
             .handshake::<_, Bytes>(io)
             .await?;
         let closed = Arc::new(AtomicBool::new(false));
