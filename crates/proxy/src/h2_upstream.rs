@@ -16,7 +16,7 @@ use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::{HeaderMap, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
 
 /// Settings as hyper's client had them. Flow-control windows: one slow reader does not
 /// throttle a bulk transfer on a shared connection.
@@ -113,10 +114,18 @@ impl Connection {
         strip_hop_by_hop(head.headers_mut());
         let end_of_stream = body.is_end_stream();
         let (response, stream) = sender.send_request(head, end_of_stream).map_err(SendFailure::Sent)?;
+        // The pipe is told when the response head is in; dropped before that (the request
+        // timed out or was abandoned), the sender cancels the stream's upload.
+        let mut answered = None;
         if !end_of_stream {
-            tokio::spawn(pipe(body, stream));
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            answered = Some(tx);
+            tokio::spawn(pipe(body, stream, rx));
         }
         let (parts, recv) = response.await.map_err(SendFailure::Sent)?.into_parts();
+        if let Some(tx) = answered {
+            let _ = tx.send(());
+        }
         let body = ResponseBody::new(recv, &parts.headers);
         Ok(Response::from_parts(parts, body))
     }
@@ -135,19 +144,25 @@ async fn keepalive(mut ping: h2::PingPong) -> String {
 }
 
 /// Streams a request body to its stream, within the peer's flow-control window. A body that
-/// fails, or a stream the peer reset, ends it (the peer is told with RST_STREAM(CANCEL)).
-async fn pipe<B>(mut body: B, mut stream: SendStream<Bytes>)
+/// fails, a stream the peer reset, or a request given up before its response (`answered`
+/// dropped unsent) ends it, and the peer is told with RST_STREAM(CANCEL).
+async fn pipe<B>(mut body: B, mut stream: SendStream<Bytes>, answered: oneshot::Receiver<()>)
 where
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: Into<BodyError>,
 {
-    if let Err(e) = pipe_frames(&mut body, &mut stream).await {
+    let mut answered = Some(answered);
+    if let Err(e) = pipe_frames(&mut body, &mut stream, &mut answered).await {
         tracing::debug!(error = %e, "request body to an upstream h2 stream ended early");
         stream.send_reset(h2::Reason::CANCEL);
     }
 }
 
-async fn pipe_frames<B>(body: &mut B, stream: &mut SendStream<Bytes>) -> Result<(), BodyError>
+async fn pipe_frames<B>(
+    body: &mut B,
+    stream: &mut SendStream<Bytes>,
+    answered: &mut Option<oneshot::Receiver<()>>,
+) -> Result<(), BodyError>
 where
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: Into<BodyError>,
@@ -156,13 +171,22 @@ where
         // Room for at least one byte before taking a frame from the body: backpressure.
         stream.reserve_capacity(1);
         while stream.capacity() == 0 {
-            match poll_fn(|cx| stream.poll_capacity(cx)).await {
+            let room = poll_fn(|cx| {
+                if let Some(e) = abandoned(answered, cx) {
+                    return Poll::Ready(Some(Err(e)));
+                }
+                stream.poll_capacity(cx).map(|c| c.map(|r| r.map_err(BodyError::from)))
+            });
+            match room.await {
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.into()),
+                Some(Err(e)) => return Err(e),
                 None => return Err("upstream stream closed".into()),
             }
         }
         let frame = poll_fn(|cx| {
+            if let Some(e) = abandoned(answered, cx) {
+                return Poll::Ready(Some(Err(e)));
+            }
             if let Poll::Ready(reset) = stream.poll_reset(cx) {
                 let why: BodyError = match reset {
                     Ok(reason) => format!("upstream reset the stream: {reason}").into(),
@@ -197,6 +221,20 @@ where
                 }
             }
         }
+    }
+}
+
+/// Whether the request was given up before its response head came (its sender dropped
+/// unsent); once it came, the upload goes on to its end.
+fn abandoned(answered: &mut Option<oneshot::Receiver<()>>, cx: &mut Context<'_>) -> Option<BodyError> {
+    let rx = answered.as_mut()?;
+    match Pin::new(rx).poll(cx) {
+        Poll::Pending => None,
+        Poll::Ready(Ok(())) => {
+            *answered = None;
+            None
+        }
+        Poll::Ready(Err(_)) => Some("the request was given up before its response".into()),
     }
 }
 
@@ -345,6 +383,58 @@ mod tests {
             trailers.get("client-grpc-status").expect("request trailers arrived"),
             "0"
         );
+    }
+
+    #[tokio::test]
+    async fn a_request_given_up_before_its_response_cancels_its_upload() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            let mut conn = h2::server::handshake(socket).await.expect("server handshake");
+            let Some(Ok((req, _never_answered))) = conn.accept().await else {
+                panic!("no request");
+            };
+            let watch = tokio::spawn(async move {
+                let mut body = req.into_body();
+                loop {
+                    match body.data().await {
+                        Some(Ok(chunk)) => {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                        }
+                        Some(Err(e)) => break e.reason(),
+                        None => break None,
+                    }
+                }
+            });
+            // The connection is driven until the stream's fate is known.
+            let reason = tokio::select! {
+                r = watch => r.expect("watcher"),
+                _ = conn.accept() => None,
+            };
+            let _ = seen_tx.send(reason);
+        });
+        let io = TcpStream::connect(addr).await.expect("connect");
+        let conn = Connection::handshake(io, addr).await.expect("handshake");
+        // An upload that never ends: one chunk, then nothing.
+        let (chunks, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+        chunks
+            .send(Ok(Frame::data(Bytes::from_static(b"part"))))
+            .await
+            .expect("queue");
+        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let req = Request::post(format!("http://{addr}/slow"))
+            .body(body)
+            .expect("request");
+        let gave_up = tokio::time::timeout(Duration::from_millis(200), conn.send(req)).await;
+        assert!(gave_up.is_err(), "the server never answers");
+        let reason = tokio::time::timeout(Duration::from_secs(5), seen_rx)
+            .await
+            .expect("the server sees the stream end")
+            .expect("reported");
+        assert_eq!(reason, Some(h2::Reason::CANCEL));
+        drop(chunks);
     }
 
     #[tokio::test]
