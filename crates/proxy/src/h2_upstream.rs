@@ -345,14 +345,10 @@ mod tests {
         }
     }
 
-    fn request_body() -> impl HttpBody<Data = Bytes, Error = Infallible> + Unpin + Send + 'static {
-        let mut frames: Vec<Result<Frame<Bytes>, Infallible>> = (0..REQUEST_BYTES / (64 << 10))
-            .map(|_| Ok(Frame::data(Bytes::from(vec![1u8; 64 << 10]))))
-            .collect();
-        let mut trailers = HeaderMap::new();
-        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        frames.push(Ok(Frame::trailers(trailers)));
-        StreamBody::new(tokio_stream::iter(frames))
+    /// REQUEST_BYTES in 64 KiB chunks, then `grpc-status: 0` as trailers.
+    fn request_body() -> crate::test_bodies::Frames {
+        let chunk = Bytes::from(vec![1u8; 64 << 10]);
+        crate::test_bodies::frames_of(std::iter::repeat_n(chunk, REQUEST_BYTES / (64 << 10)), true)
     }
 
     #[tokio::test]

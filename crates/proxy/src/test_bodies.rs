@@ -10,10 +10,12 @@ pub type Frames = StreamBody<tokio_stream::Iter<std::vec::IntoIter<Result<Frame<
 
 /// A body of `chunks`, then (with `trailers`) `grpc-status: 0` as trailers.
 pub fn frames(chunks: &[&'static str], trailers: bool) -> Frames {
-    let mut frames: Vec<Result<Frame<Bytes>, Infallible>> = chunks
-        .iter()
-        .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
-        .collect();
+    frames_of(chunks.iter().map(|c| Bytes::from_static(c.as_bytes())), trailers)
+}
+
+/// [`frames`] of any chunks.
+pub fn frames_of(chunks: impl IntoIterator<Item = Bytes>, trailers: bool) -> Frames {
+    let mut frames: Vec<Result<Frame<Bytes>, Infallible>> = chunks.into_iter().map(|c| Ok(Frame::data(c))).collect();
     if trailers {
         let mut t = HeaderMap::new();
         t.insert("grpc-status", http::HeaderValue::from_static("0"));
