@@ -110,7 +110,9 @@ impl Connection {
         }
         let (parts, body) = req.into_parts();
         let mut head = Request::from_parts(parts, ());
-        // HTTP/2 forbids connection-specific headers (h2 refuses to send them).
+        // HTTP/2 forbids connection-specific headers (h2 refuses to send them). The request
+        // path stripped the client's already, but a route's header filters run after that
+        // and may add one; as hyper's client did, they are dropped here rather than fail.
         strip_hop_by_hop(head.headers_mut());
         let end_of_stream = body.is_end_stream();
         let (response, stream) = sender.send_request(head, end_of_stream).map_err(SendFailure::Sent)?;
@@ -118,7 +120,7 @@ impl Connection {
         // timed out or was abandoned), the sender cancels the stream's upload.
         let mut answered = None;
         if !end_of_stream {
-            let (tx, rx) = tokio::sync::oneshot::channel();
+            let (tx, rx) = oneshot::channel();
             answered = Some(tx);
             tokio::spawn(pipe(body, stream, rx));
         }
@@ -289,11 +291,10 @@ impl HttpBody for ResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.content_length {
-            _ if self.recv.is_end_stream() => SizeHint::with_exact(0),
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
+        if self.recv.is_end_stream() {
+            return SizeHint::with_exact(0);
         }
+        self.content_length.map_or_else(SizeHint::default, SizeHint::with_exact)
     }
 }
 
