@@ -20,7 +20,8 @@ use std::time::Duration;
     about = "smesh: a service mesh (data plane proxy and tools)"
 )]
 struct Cli {
-    /// Log filter (e.g. info, debug, smesh_proxy=debug); RUST_LOG also works.
+    /// Log filter (e.g. info, debug, smesh_proxy=debug); RUST_LOG also works. Release builds
+    /// leave out trace-level events (a debug build has them).
     #[arg(long, global = true, env = "SMESH_LOG", default_value = "info")]
     log_level: String,
     #[command(subcommand)]
