@@ -170,21 +170,11 @@ where
     B::Error: Into<BodyError>,
 {
     loop {
-        // Room for at least one byte before taking a frame from the body: backpressure.
-        stream.reserve_capacity(1);
-        while stream.capacity() == 0 {
-            let room = poll_fn(|cx| {
-                if let Some(e) = abandoned(answered, cx) {
-                    return Poll::Ready(Some(Err(e)));
-                }
-                stream.poll_capacity(cx).map(|c| c.map(|r| r.map_err(BodyError::from)))
-            });
-            match room.await {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e),
-                None => return Err("upstream stream closed".into()),
-            }
-        }
+        // The next frame first, then room for it in the peer's window. Reserving window
+        // before the body has anything to send would pin connection window to an idle
+        // stream, and a peer that grants more only once its window is used up would then
+        // stall every other stream of the connection (the reason hyper's pipe changed to
+        // this order, hyper#4003).
         let frame = poll_fn(|cx| {
             if let Some(e) = abandoned(answered, cx) {
                 return Poll::Ready(Some(Err(e)));
@@ -206,22 +196,40 @@ where
             }
             Some(frame) => frame?,
         };
-        match frame.into_data() {
-            Ok(data) => {
-                let end = body.is_end_stream();
-                if !data.is_empty() || end {
-                    stream.send_data(data, end)?;
-                }
-                if end {
-                    return Ok(());
-                }
-            }
+        let data = match frame.into_data() {
+            Ok(data) => data,
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
                     stream.send_trailers(trailers)?;
                     return Ok(());
                 }
+                continue;
             }
+        };
+        let end = body.is_end_stream();
+        if !data.is_empty() {
+            // Backpressure: a claim of one byte, waited for; h2 raises the claim to what
+            // is buffered and sends as the window opens.
+            stream.reserve_capacity(1);
+            while stream.capacity() == 0 {
+                let room = poll_fn(|cx| {
+                    if let Some(e) = abandoned(answered, cx) {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    stream.poll_capacity(cx).map(|c| c.map(|r| r.map_err(BodyError::from)))
+                });
+                match room.await {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e),
+                    None => return Err("upstream stream closed".into()),
+                }
+            }
+        }
+        if !data.is_empty() || end {
+            stream.send_data(data, end)?;
+        }
+        if end {
+            return Ok(());
         }
     }
 }
