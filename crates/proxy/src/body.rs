@@ -18,8 +18,9 @@ pub enum Body {
     Upstream(Incoming, PoolReturn),
     /// A request body streamed while a copy is kept for retries.
     Replay(crate::replay::ReplayBody<Tee>),
-    /// A request body streamed to the upstream and copied to mirrors as it goes.
-    Tee(Tee),
+    /// A request body streamed to the upstream and copied to mirrors as it goes (rare, and
+    /// the largest variant: boxed).
+    Tee(Box<Tee>),
     /// A mirror's request body: a copy of the client's, frame by frame.
     Tap(crate::tee::Tap),
     /// An upstream response body over HTTP/2.
@@ -57,7 +58,7 @@ impl HttpBody for Body {
                 boxed(frame)
             }
             Body::Replay(body) => boxed(Pin::new(body).poll_frame(cx)),
-            Body::Tee(body) => boxed(Pin::new(body).poll_frame(cx)),
+            Body::Tee(body) => boxed(Pin::new(&mut **body).poll_frame(cx)),
             Body::Tap(body) => boxed(Pin::new(body).poll_frame(cx)),
             Body::H2(body) => boxed(Pin::new(body).poll_frame(cx)),
         }

@@ -244,7 +244,7 @@ impl HttpProxy {
                 streamed = Some(if taps.is_empty() {
                     Body::Streaming(incoming)
                 } else {
-                    Body::Tee(Tee::new(incoming, taps))
+                    Body::Tee(Box::new(Tee::new(incoming, taps)))
                 });
             }
         }
