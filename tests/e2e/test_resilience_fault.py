@@ -26,7 +26,8 @@ def test_abort_and_delay_shares(run):
     delayed = [r for r in rs if r.elapsed >= 0.1]
     abort_share, delay_share = len(aborted) / n, len(delayed) / n
     print(f"fault: aborted {abort_share:.1%} (50%), delayed {delay_share:.1%} (20%)")
-    assert abs(abort_share - 0.50) <= 0.05, abort_share
+    # 5 sigma for 1000 draws at 50% (sigma 1.6 points): 3 sigma fails a run in a few hundred.
+    assert abs(abort_share - 0.50) <= 0.08, abort_share
     assert abs(delay_share - 0.20) <= 0.05, delay_share
     # aborted requests never reached the backend
     assert be.stats()["requests"] == n - len(aborted)

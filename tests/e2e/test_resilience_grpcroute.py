@@ -204,7 +204,10 @@ def test_fault_injection_aborts_with_a_grpc_status(run, backends, client_for):
     assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
     aborted = codes[grpc.StatusCode.UNAVAILABLE] / n
     print(f"grpcroute fault: {aborted:.1%} of {n} aborted (configured 50%)")
-    assert abs(aborted - 0.5) <= 0.05, codes
+    # 50% of 1000 draws: sigma is 1.6 points; 8 points is 5 sigma (a false failure in a
+    # million runs; 5 points failed one CI run in a few hundred), and still far from the
+    # 0% or 100% of a percent that is ignored.
+    assert abs(aborted - 0.5) <= 0.08, codes
     assert sum(b.calls["Unary"] for b in backends) == codes[grpc.StatusCode.OK]
     assert sum(b.calls["Slow"] for b in backends) == 0
     assert metric_sum(px.metrics(), "smesh_faults_injected_total", kind="abort") \
