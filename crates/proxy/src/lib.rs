@@ -31,6 +31,7 @@ pub mod outlier;
 pub mod policy;
 pub mod pool;
 pub mod ratelimit;
+pub mod recycle;
 pub mod reload;
 pub mod replay;
 pub mod route;
