@@ -81,6 +81,19 @@ fn give_block(block: NonNull<u8>, layout: Layout) {
     }
 }
 
+/// A block that goes back to the spares when dropped: while a future is being built into it
+/// (a panic in the builder frees it), and after the future in it was dropped (even if its
+/// destructor panicked).
+struct Returned(NonNull<u8>, Layout);
+
+impl Drop for Returned {
+    fn drop(&mut self) {
+        if self.1.size() != 0 {
+            give_block(self.0, self.1);
+        }
+    }
+}
+
 /// A future on the heap, in a block that is recycled when the future is dropped.
 pub struct Recycled<F> {
     future: NonNull<F>,
@@ -112,14 +125,7 @@ impl<F: Future> Recycled<F> {
             };
         }
         let block = take_block(layout).cast::<F>();
-        // Owns the block until the future is in it, so a panic in `make` frees it.
-        struct Unfilled(NonNull<u8>, Layout);
-        impl Drop for Unfilled {
-            fn drop(&mut self) {
-                give_block(self.0, self.1);
-            }
-        }
-        let unfilled = Unfilled(block.cast(), layout);
+        let unfilled = Returned(block.cast(), layout);
         // SAFETY: the block is unused, and has the size and alignment of `F`.
         unsafe { ptr::write(block.as_ptr(), make()) };
         std::mem::forget(unfilled);
@@ -127,10 +133,6 @@ impl<F: Future> Recycled<F> {
             future: block,
             _owns: PhantomData,
         }
-    }
-
-    pub fn new(future: F) -> Self {
-        Self::new_with(|| future)
     }
 }
 
@@ -147,17 +149,7 @@ impl<F: Future> Future for Recycled<F> {
 
 impl<F> Drop for Recycled<F> {
     fn drop(&mut self) {
-        let layout = Layout::new::<F>();
-        // Hands the block back even if the future's destructor panics.
-        struct GiveBack(NonNull<u8>, Layout);
-        impl Drop for GiveBack {
-            fn drop(&mut self) {
-                if self.1.size() != 0 {
-                    give_block(self.0, self.1);
-                }
-            }
-        }
-        let _give_back = GiveBack(self.future.cast(), layout);
+        let _returned = Returned(self.future.cast(), Layout::new::<F>());
         // SAFETY: the future is initialised and this is its only owner.
         unsafe { ptr::drop_in_place(self.future.as_ptr()) };
     }
@@ -181,12 +173,12 @@ mod tests {
 
     #[tokio::test]
     async fn runs_the_future_and_reuses_its_block() {
-        let first = Recycled::new(carrying::<4096>(7));
+        let first = Recycled::new_with(|| carrying::<4096>(7));
         let address = first.future.as_ptr() as usize;
         assert_eq!(first.await, 7 * 4096);
         let kept = spare_count();
         assert!(kept >= 1);
-        let second = Recycled::new(carrying::<4096>(1));
+        let second = Recycled::new_with(|| carrying::<4096>(1));
         assert_eq!(second.future.as_ptr() as usize, address, "the freed block is reused");
         assert_eq!(spare_count(), kept - 1);
         assert_eq!(second.await, 4096);
@@ -202,7 +194,7 @@ mod tests {
             }
         }
         let counted = Counted(drops.clone());
-        let pending = Recycled::new(async move {
+        let pending = Recycled::new_with(|| async move {
             let _held = counted;
             std::future::pending::<()>().await
         });
@@ -213,7 +205,7 @@ mod tests {
     #[test]
     fn keeps_at_most_max_spare_blocks() {
         let live: Vec<_> = (0..MAX_SPARE + 10)
-            .map(|i| Recycled::new(carrying::<2048>(i as u8)))
+            .map(|i| Recycled::new_with(|| carrying::<2048>(i as u8)))
             .collect();
         drop(live);
         assert_eq!(spare_count(), MAX_SPARE);
@@ -221,10 +213,10 @@ mod tests {
 
     #[test]
     fn other_layouts_and_zero_sized_futures_are_not_kept() {
-        drop(Recycled::new(carrying::<3000>(1)));
+        drop(Recycled::new_with(|| carrying::<3000>(1)));
         let kept = spare_count();
         assert_eq!(kept, 1);
-        drop(Recycled::new(carrying::<100>(1)));
+        drop(Recycled::new_with(|| carrying::<100>(1)));
         assert_eq!(spare_count(), kept, "a second layout is freed, not kept");
         struct Nothing;
         impl Future for Nothing {
@@ -233,7 +225,7 @@ mod tests {
                 Poll::Ready(())
             }
         }
-        drop(Recycled::new(Nothing));
+        drop(Recycled::new_with(|| Nothing));
         assert_eq!(spare_count(), kept);
     }
 }
