@@ -279,6 +279,10 @@ struct ProxyArgs {
     /// Time a client connection may sit idle waiting for a request head.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
+    /// Time from the first byte of an HTTP/1 request head to its end; a slower client is
+    /// disconnected (slowloris).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    header_read_timeout: Duration,
     /// Largest request body kept in memory so it can be retried; bigger bodies are not retried.
     #[arg(long, default_value_t = 64 * 1024)]
     max_retry_body_bytes: u64,
@@ -291,6 +295,10 @@ struct ProxyArgs {
     /// HTTP/2 streams a client may have open on one connection.
     #[arg(long, default_value_t = 1024)]
     max_concurrent_streams: u32,
+    /// HTTP/2 requests a client address may abandon (reset) per second, bursts of twice
+    /// that; over it, its connections are closed and refused for 10 s. 0: no limit.
+    #[arg(long, default_value_t = 200)]
+    max_client_resets: u32,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -368,10 +376,12 @@ fn main() -> ExitCode {
                 max_header_bytes: args.max_header_bytes,
                 max_connections: args.max_connections,
                 idle_timeout: args.idle_timeout,
+                header_read_timeout: args.header_read_timeout,
                 max_retry_body_bytes: args.max_retry_body_bytes,
                 detect_timeout: args.detect_timeout,
                 connect_timeout: args.connect_timeout,
                 max_concurrent_streams: args.max_concurrent_streams,
+                max_client_resets: args.max_client_resets,
             },
         }),
         Command::Validate { file } => validate(&file),

@@ -30,6 +30,36 @@ pub enum Body {
 /// Errors of any body variant (hyper's, or a mirror's copy cut off).
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A request body that failed on the client's side (malformed chunked framing, a client
+/// gone mid-body). An upstream client that fails while sending it carries this as its
+/// cause, so the request path answers 400 `bad request` rather than blaming the upstream.
+#[derive(Debug)]
+pub struct ClientBodyError(BodyError);
+
+impl std::fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "client request body: {}", self.0)
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// Whether `error`, or any error in its chain of causes, is a [`ClientBodyError`].
+pub fn is_client_body_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.is::<ClientBodyError>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 impl Body {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
@@ -49,7 +79,7 @@ impl HttpBody for Body {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Body::Streaming(body) => boxed(Pin::new(body).poll_frame(cx)),
+            Body::Streaming(body) => from_client(Pin::new(body).poll_frame(cx)),
             Body::Upstream(body, done) => {
                 let frame = Pin::new(body).poll_frame(cx);
                 if let Poll::Ready(None) = frame {
@@ -57,8 +87,8 @@ impl HttpBody for Body {
                 }
                 boxed(frame)
             }
-            Body::Replay(body) => boxed(Pin::new(body).poll_frame(cx)),
-            Body::Tee(body) => boxed(Pin::new(&mut **body).poll_frame(cx)),
+            Body::Replay(body) => from_client(Pin::new(body).poll_frame(cx)),
+            Body::Tee(body) => from_client(Pin::new(&mut **body).poll_frame(cx)),
             Body::Tap(body) => boxed(Pin::new(body).poll_frame(cx)),
             Body::H2(body) => boxed(Pin::new(body).poll_frame(cx)),
         }
@@ -93,4 +123,9 @@ type Polled<E> = Poll<Option<Result<Frame<Bytes>, E>>>;
 
 fn boxed<E: Into<BodyError>>(polled: Polled<E>) -> Polled<BodyError> {
     polled.map(|frame| frame.map(|r| r.map_err(Into::into)))
+}
+
+/// A frame of a body read from the client: its errors are the client's.
+fn from_client<E: Into<BodyError>>(polled: Polled<E>) -> Polled<BodyError> {
+    polled.map(|frame| frame.map(|r| r.map_err(|e| Box::new(ClientBodyError(e.into())) as BodyError)))
 }

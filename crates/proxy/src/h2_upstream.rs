@@ -19,17 +19,24 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
-/// Settings as hyper's client had them. Flow-control windows: one slow reader does not
-/// throttle a bulk transfer on a shared connection.
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// Flow-control windows. A stream's response data stays unreleased in the connection's
+/// window until its reader takes it; a client that never reads (one that grants a zero
+/// window) leaves a whole stream window there. So the connection window is the sum of the
+/// stream windows of the most streams a connection carries ([`MAX_STREAMS`]): stalled
+/// streams hold their own windows (memory bounded per stream), never the connection's,
+/// and the other clients' streams on the shared connection keep flowing.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 1024 * 1024 * 1024;
+/// Streams open at once on one connection; a full connection takes no new streams, a new
+/// one does (see [`Connection::has_room`]).
+pub const MAX_STREAMS: usize = (CONNECTION_WINDOW / STREAM_WINDOW) as usize;
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
 /// Streams opened before the peer's SETTINGS say how many it takes (hyper's default).
 const INITIAL_MAX_SEND_STREAMS: usize = 100;
@@ -48,6 +55,18 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Connection {
     sender: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    /// Streams opened here whose response is not done (at most [`MAX_STREAMS`]).
+    open: Arc<AtomicUsize>,
+}
+
+/// One of a connection's open streams; its count goes down when this is dropped (with the
+/// response body, or with the request when no response came).
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Why a request got no response.
@@ -56,6 +75,25 @@ pub enum SendFailure<B> {
     NotSent(Request<B>),
     /// The request may have reached the upstream.
     Sent(h2::Error),
+    /// The upstream refused the stream unprocessed (GOAWAY with a lower last stream id, or
+    /// RST_STREAM REFUSED_STREAM, RFC 9113 8.7): it may go to a new connection whatever the
+    /// route's retry policy. The head and a body already streamed are gone; the caller
+    /// resends from what it kept.
+    Refused(h2::Error),
+    /// The client's request body failed while it streamed (a [`crate::body::ClientBodyError`]).
+    ClientBody(BodyError),
+}
+
+impl<B> SendFailure<B> {
+    /// A failure from the stream's response: refused unprocessed, or sent.
+    fn of_stream(e: h2::Error) -> Self {
+        let refused = e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM));
+        if refused {
+            SendFailure::Refused(e)
+        } else {
+            SendFailure::Sent(e)
+        }
+    }
 }
 
 impl Connection {
@@ -91,11 +129,21 @@ impl Connection {
                 tracing::debug!(%addr, error = %e, "upstream h2 connection ended");
             }
         });
-        Ok(Connection { sender, closed })
+        Ok(Connection {
+            sender,
+            closed,
+            open: Arc::new(AtomicUsize::new(0)),
+        })
     }
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether another stream may open here without the open streams' windows adding up to
+    /// more than the connection's.
+    pub fn has_room(&self) -> bool {
+        self.open.load(Ordering::Relaxed) < MAX_STREAMS
     }
 
     /// Opens a stream for `req` and waits for the response head.
@@ -108,6 +156,8 @@ impl Connection {
         if poll_fn(|cx| sender.poll_ready(cx)).await.is_err() {
             return Err(SendFailure::NotSent(req));
         }
+        self.open.fetch_add(1, Ordering::Relaxed);
+        let slot = StreamSlot(self.open.clone());
         let (parts, body) = req.into_parts();
         let mut head = Request::from_parts(parts, ());
         // HTTP/2 forbids connection-specific headers (h2 refuses to send them). The request
@@ -115,20 +165,35 @@ impl Connection {
         // and may add one; as hyper's client did, they are dropped here rather than fail.
         strip_hop_by_hop(head.headers_mut());
         let end_of_stream = body.is_end_stream();
-        let (response, stream) = sender.send_request(head, end_of_stream).map_err(SendFailure::Sent)?;
+        let (response, stream) = sender
+            .send_request(head, end_of_stream)
+            .map_err(SendFailure::of_stream)?;
         // The pipe is told when the response head is in; dropped before that (the request
-        // timed out or was abandoned), the sender cancels the stream's upload.
+        // timed out or was abandoned), the sender cancels the stream's upload. It says why
+        // the upload failed when the client's body did.
         let mut answered = None;
+        let mut body_failed = None;
         if !end_of_stream {
             let (tx, rx) = oneshot::channel();
+            let (failed_tx, failed_rx) = oneshot::channel();
             answered = Some(tx);
-            tokio::spawn(pipe(body, stream, rx));
+            body_failed = Some(failed_rx);
+            tokio::spawn(pipe(body, stream, rx, failed_tx));
         }
-        let (parts, recv) = response.await.map_err(SendFailure::Sent)?.into_parts();
+        let response = match response.await {
+            Ok(response) => response,
+            Err(e) => {
+                return Err(match body_failed.and_then(|mut rx| rx.try_recv().ok()) {
+                    Some(client) => SendFailure::ClientBody(client),
+                    None => SendFailure::of_stream(e),
+                })
+            }
+        };
+        let (parts, recv) = response.into_parts();
         if let Some(tx) = answered {
             let _ = tx.send(());
         }
-        let body = ResponseBody::new(recv, &parts.headers);
+        let body = ResponseBody::new(recv, &parts.headers, slot);
         Ok(Response::from_parts(parts, body))
     }
 }
@@ -148,14 +213,22 @@ async fn keepalive(mut ping: h2::PingPong) -> String {
 /// Streams a request body to its stream, within the peer's flow-control window. A body that
 /// fails, a stream the peer reset, or a request given up before its response (`answered`
 /// dropped unsent) ends it, and the peer is told with RST_STREAM(CANCEL).
-async fn pipe<B>(mut body: B, mut stream: SendStream<Bytes>, answered: oneshot::Receiver<()>)
-where
+async fn pipe<B>(
+    mut body: B,
+    mut stream: SendStream<Bytes>,
+    answered: oneshot::Receiver<()>,
+    failed: oneshot::Sender<BodyError>,
+) where
     B: HttpBody<Data = Bytes> + Unpin,
     B::Error: Into<BodyError>,
 {
     let mut answered = Some(answered);
     if let Err(e) = pipe_frames(&mut body, &mut stream, &mut answered).await {
         tracing::debug!(error = %e, "request body to an upstream h2 stream ended early");
+        // Told before the reset, so the response's failure finds it.
+        if crate::body::is_client_body_error(&*e) {
+            let _ = failed.send(e);
+        }
         stream.send_reset(h2::Reason::CANCEL);
     }
 }
@@ -254,12 +327,13 @@ pub struct ResponseBody {
     recv: RecvStream,
     data_done: bool,
     content_length: Option<u64>,
+    _slot: StreamSlot,
 }
 
 impl ResponseBody {
     /// `headers`: the response's, whose `content-length` makes the size hint exact (an
     /// HTTP/1.1 client then gets a sized response rather than a chunked one).
-    fn new(recv: RecvStream, headers: &HeaderMap) -> Self {
+    fn new(recv: RecvStream, headers: &HeaderMap, slot: StreamSlot) -> Self {
         let content_length = headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -268,6 +342,7 @@ impl ResponseBody {
             recv,
             data_done: false,
             content_length,
+            _slot: slot,
         }
     }
 }
@@ -464,7 +539,8 @@ mod tests {
         let req = Request::get(format!("http://{addr}/")).body(http_body_util::Empty::<Bytes>::new());
         match conn.send(req.expect("request")).await {
             Err(SendFailure::NotSent(back)) => assert_eq!(back.uri().path(), "/"),
-            Err(SendFailure::Sent(e)) => panic!("sent on a closed connection: {e}"),
+            Err(SendFailure::Sent(e) | SendFailure::Refused(e)) => panic!("sent on a closed connection: {e}"),
+            Err(SendFailure::ClientBody(e)) => panic!("no body to fail: {e}"),
             Ok(_) => panic!("a response from a closed connection"),
         }
     }

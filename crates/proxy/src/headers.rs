@@ -6,10 +6,13 @@ use std::time::Duration;
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Hop-by-hop headers (RFC 9110 7.6.1, plus the legacy `keep-alive` and
-/// `proxy-connection`); `TE` must stay first (see below).
-static HOP_BY_HOP: [HeaderName; 10] = [
+/// `proxy-connection`, and `HTTP2-Settings`, which belongs to an h2c upgrade of one
+/// connection and must never reach an upstream even when `Connection` does not list it);
+/// `TE` must stay first (see below).
+static HOP_BY_HOP: [HeaderName; 11] = [
     header::TE,
     header::CONNECTION,
     header::TRANSFER_ENCODING,
@@ -20,11 +23,12 @@ static HOP_BY_HOP: [HeaderName; 10] = [
     header::EXPECT,
     KEEP_ALIVE,
     PROXY_CONNECTION,
+    HTTP2_SETTINGS,
 ];
 
 /// Bit n is set when a name in [`HOP_BY_HOP`] is n bytes long.
 const HOP_BY_HOP_LENGTHS: u32 = {
-    let lengths = [2, 10, 17, 7, 7, 19, 18, 6, 10, 16];
+    let lengths = [2, 10, 17, 7, 7, 19, 18, 6, 10, 16, 14];
     let mut mask = 0u32;
     let mut i = 0;
     while i < lengths.len() {
@@ -110,16 +114,34 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-/// An HTTP/1.1 `Upgrade` request (e.g. WebSocket).
+/// An HTTP/1.1 `Upgrade` request to a protocol the proxy tunnels: WebSocket only.
+///
+/// Any other upgrade is served as the plain HTTP/1.1 request it also is, its `Upgrade`
+/// header stripped (as Envoy does). An `Upgrade: h2c` relayed to an upstream that agreed
+/// would turn the client's connection into a raw tunnel, and every request sent inside it
+/// would skip routes, filters, rate limits and authorization.
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::UPGRADE)
+            .iter()
+            .any(|v| is_websocket(v.as_bytes()))
         && req
             .headers()
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// Whether an `Upgrade` value names WebSocket (a comma-separated list is accepted; the
+/// first protocol the client offers must be it, as RFC 6455 clients send it alone).
+pub fn is_websocket(upgrade: &[u8]) -> bool {
+    upgrade
+        .split(|&b| b == b',')
+        .next()
+        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
 }
 
 /// Parses `grpc-timeout` (e.g. `100m`, `5S`): a positive integer of at most 8 digits and a unit.
@@ -153,6 +175,28 @@ mod tests {
         assert_eq!(grpc_timeout(&h), Some(Duration::from_millis(250)));
         h.insert("grpc-timeout", "1x".parse().unwrap());
         assert_eq!(grpc_timeout(&h), None);
+    }
+
+    #[test]
+    fn only_websocket_upgrades_tunnel() {
+        let req = |upgrade: &str| {
+            Request::get("/")
+                .header("upgrade", upgrade)
+                .header("connection", "Upgrade, HTTP2-Settings")
+                .body(())
+                .unwrap()
+        };
+        assert!(is_upgrade(&req("websocket")));
+        assert!(is_upgrade(&req("WebSocket")));
+        assert!(!is_upgrade(&req("h2c")));
+        assert!(!is_upgrade(&req("h2c, websocket")));
+        assert!(!is_upgrade(&req("TLS/1.2")));
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", "h2c".parse().unwrap());
+        h.insert("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA".parse().unwrap());
+        h.insert("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 
     #[test]

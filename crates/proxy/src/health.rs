@@ -308,7 +308,9 @@ impl Checker {
         {
             Ok(resp) => Ok(resp),
             Err(crate::pool::SendError::Connect(e, _)) => Err(format!("connect: {e}")),
-            Err(crate::pool::SendError::Upstream(e)) => Err(format!("exchange: {e}")),
+            Err(crate::pool::SendError::Upstream(e) | crate::pool::SendError::Refused(e)) => {
+                Err(format!("exchange: {e}"))
+            }
         }
     }
 }

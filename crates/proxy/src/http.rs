@@ -59,9 +59,12 @@ pub(crate) const ORIG_PROTO: header::HeaderName = header::HeaderName::from_stati
 type Failure = (ProxyError, String);
 
 impl HttpProxy {
-    pub async fn handle(self, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    pub async fn handle(&self, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let start = Instant::now();
         let grpc = is_grpc(&req);
+        if let Err(detail) = check_host(&mut req) {
+            return Ok(self.fail(ProxyError::BadRequest, detail, grpc));
+        }
         let (rule, service_limit) = match &self.target {
             Target::Inbound(rule) => {
                 rule.metrics.inbound_tls(self.peer.is_some());
@@ -198,7 +201,8 @@ impl HttpProxy {
         let retry = rule.retry.as_ref().filter(|_| !upgrade);
         let mut replay: Option<Bytes> = None;
         let mut source: Option<Incoming> = None;
-        if retry.is_some() && incoming.is_end_stream() {
+        if incoming.is_end_stream() {
+            // Nothing to keep: a try refused unprocessed, or a retry, sends it again.
             replay = Some(Bytes::new());
         } else if retry.is_some()
             && incoming
@@ -261,6 +265,8 @@ impl HttpProxy {
         let tries = std::pin::pin!(async {
             let mut tried: Vec<SocketAddr> = Vec::new();
             let mut retries = 0u32;
+            // Tries an HTTP/2 upstream refused unprocessed.
+            let mut refused = 0usize;
             // A retry avoids the endpoint that just failed when another one is left.
             let mut avoid: Option<SocketAddr> = None;
             let mut _retry_permit = None;
@@ -334,9 +340,6 @@ impl HttpProxy {
                     Some(parts) => parts,
                     None => saved.as_ref().expect("checked above").to_parts(),
                 };
-                if !streamed_once && saved.is_none() {
-                    saved = Some(crate::saved_head::SavedHead::new(&parts));
-                }
                 // A peer smesh proxy is reached over mesh mTLS (HTTP/2 unless upgrading).
                 let mesh = mesh_tls
                     .as_ref()
@@ -356,6 +359,10 @@ impl HttpProxy {
                 } else {
                     app_version
                 };
+                // Kept for a retry, or for an HTTP/2 stream refused unprocessed.
+                if !streamed_once && saved.is_none() && (retry.is_some() || version == Version::HTTP_2) {
+                    saved = Some(crate::saved_head::SavedHead::new(&parts));
+                }
                 let mut upstream_req = build_request(parts, version, body);
                 // The upstream gets what is left of the deadline (gRPC: `grpc-timeout`).
                 if let Some(d) = deadline.filter(|_| grpc) {
@@ -384,7 +391,9 @@ impl HttpProxy {
                     None => Some(send.await),
                 };
                 if let Some(p) = &backend.policy {
-                    p.observe(&endpoint, crate::policy::outcome_status(&outcome));
+                    if let Some(status) = crate::policy::outcome_status(&outcome) {
+                        p.observe(&endpoint, status);
+                    }
                 }
                 // An answer or a per-try timeout tells the concurrency limit the latency.
                 if let Some(permit) = shed_permit.take().filter(|_| matches!(outcome, Some(Ok(_)) | None)) {
@@ -440,6 +449,19 @@ impl HttpProxy {
                         }
                         continue;
                     }
+                    Some(Err(SendError::Refused(e))) => {
+                        // Nothing was processed: sent again (a new connection if that one
+                        // is going away), like a failed connect, not counted as a retry.
+                        refused += 1;
+                        if refused > MAX_CONNECT_ATTEMPTS || saved.is_none() || streamed_once {
+                            return Err((ProxyError::UpstreamFailed, format!("{}: {e}", endpoint.addr)));
+                        }
+                        tracing::debug!(endpoint = %endpoint.addr, error = %e, "stream refused: sending again");
+                        continue;
+                    }
+                    Some(Err(SendError::Upstream(e))) if crate::body::is_client_body_error(&*e) => {
+                        return Err((ProxyError::BadRequest, e.to_string()));
+                    }
                     Some(Err(SendError::Upstream(e))) => {
                         if !may_retry(502, None) {
                             return Err((ProxyError::UpstreamFailed, format!("{}: {e}", endpoint.addr)));
@@ -484,6 +506,15 @@ impl HttpProxy {
     }
 
     fn respond(&self, mut resp: Response<Body>, client_upgrade: Option<hyper::upgrade::OnUpgrade>) -> Response<Body> {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !switched_to_websocket(&resp, client_upgrade.is_some()) {
+            // A switch nobody asked for (an upgrade the proxy stripped, or another protocol
+            // than the one offered) would make the connection a tunnel the proxy cannot read.
+            return self.fail(
+                ProxyError::UpstreamFailed,
+                "101 Switching Protocols to an upgrade the proxy did not ask for",
+                false,
+            );
+        }
         match client_upgrade {
             Some(client) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 let upstream = hyper::upgrade::on(&mut resp);
@@ -518,6 +549,36 @@ impl HttpProxy {
             }
         });
         Response::new(Body::Empty)
+    }
+}
+
+/// Whether a 101 answers a WebSocket upgrade the proxy forwarded.
+fn switched_to_websocket(resp: &Response<Body>, asked: bool) -> bool {
+    asked
+        && resp
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| crate::headers::is_websocket(v.as_bytes()))
+}
+
+/// RFC 9112 3.2: a request has at most one `Host`, and an HTTP/1.1 one exactly one. A proxy
+/// given an absolute-form target (or an HTTP/2 `:authority`) replaces a `Host` that says
+/// otherwise with that authority, so the upstream sees the authority the request was routed
+/// by (RFC 9112 3.2.2, RFC 9113 8.3.1). Without a `Host`, [`build_request`] adds one.
+fn check_host<B>(req: &mut Request<B>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    match (req.uri().authority(), first) {
+        (Some(authority), Some(host)) if host.as_bytes() != authority.as_str().as_bytes() => {
+            let value = HeaderValue::from_str(authority.as_str()).map_err(|_| "invalid authority")?;
+            req.headers_mut().insert(header::HOST, value);
+            Ok(())
+        }
+        (None, None) if req.version() == Version::HTTP_11 => Err("no Host header"),
+        _ => Ok(()),
     }
 }
 

@@ -21,6 +21,7 @@ pub mod errors;
 pub mod fault;
 pub mod filters;
 pub mod h2_upstream;
+pub mod head_timeout;
 pub mod headers;
 pub mod health;
 pub mod http;
@@ -34,6 +35,7 @@ pub mod ratelimit;
 pub mod recycle;
 pub mod reload;
 pub mod replay;
+pub mod resets;
 pub mod route;
 mod saved_head;
 pub mod server;
@@ -212,6 +214,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         access_log,
         connections: AtomicUsize::new(0),
         tls: tls.clone(),
+        resets: crate::resets::ResetLimiter::new(options.limits.max_client_resets),
     });
     let specs: Vec<(SocketAddr, Arc<ListenerSpec>)> = specs.into_iter().map(|(a, s)| (a, Arc::new(s))).collect();
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -258,12 +258,16 @@ pub struct RetryGrant<'a> {
 }
 
 /// The status outlier detection sees for a try: the response's, or 503 for a failed
-/// connect, 502 for a failed exchange and 504 for a per-try timeout.
-pub fn outcome_status<T>(outcome: &Option<Result<http::Response<T>, SendError>>) -> u16 {
+/// connect, 502 for a failed exchange and 504 for a per-try timeout; none when the endpoint
+/// is not to blame (the client's body failed, or a stream was refused unprocessed by a
+/// connection going away).
+pub fn outcome_status<T>(outcome: &Option<Result<http::Response<T>, SendError>>) -> Option<u16> {
     match outcome {
-        Some(Ok(resp)) => resp.status().as_u16(),
-        Some(Err(SendError::Connect(..))) => 503,
-        Some(Err(SendError::Upstream(_))) => 502,
-        None => 504,
+        Some(Ok(resp)) => Some(resp.status().as_u16()),
+        Some(Err(SendError::Connect(..))) => Some(503),
+        Some(Err(SendError::Refused(_))) => None,
+        Some(Err(SendError::Upstream(e))) if crate::body::is_client_body_error(&**e) => None,
+        Some(Err(SendError::Upstream(_))) => Some(502),
+        None => Some(504),
     }
 }

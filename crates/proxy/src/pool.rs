@@ -60,6 +60,9 @@ pub enum SendError {
     Connect(io::Error, Box<Request<Body>>),
     /// The request may have reached the upstream.
     Upstream(BodyError),
+    /// An HTTP/2 upstream refused the stream unprocessed (GOAWAY, REFUSED_STREAM): it may be
+    /// sent again on a new connection, whatever the route's retry policy.
+    Refused(BodyError),
 }
 
 /// Hands an HTTP/1 connection back to the worker's idle pool when a response body is done
@@ -281,13 +284,20 @@ async fn send_h2(
     mesh: Option<&Mesh>,
 ) -> Result<Response<Body>, SendError> {
     let key = (addr, mesh.is_some());
-    let existing = H2.with(|h2| h2.borrow().get(&key).filter(|c| !c.is_closed()).cloned());
+    // A full connection takes no new stream: a new one replaces it in the table, and it
+    // closes once its streams are done.
+    let existing = H2.with(|h2| {
+        h2.borrow()
+            .get(&key)
+            .filter(|c| !c.is_closed() && c.has_room())
+            .cloned()
+    });
     let req = match existing {
         Some(conn) => match conn.send(req).await {
             Ok(resp) => return Ok(resp.map(Body::H2)),
             // Closed or going away: a new connection takes it.
             Err(h2_upstream::SendFailure::NotSent(req)) => req,
-            Err(h2_upstream::SendFailure::Sent(e)) => return Err(SendError::Upstream(e.into())),
+            Err(failure) => return Err(h2_failure(failure)),
         },
         None => req,
     };
@@ -317,6 +327,15 @@ async fn connect_h2_and_send(
         Err(h2_upstream::SendFailure::NotSent(_)) => {
             Err(SendError::Upstream("a new HTTP/2 connection took no stream".into()))
         }
-        Err(h2_upstream::SendFailure::Sent(e)) => Err(SendError::Upstream(e.into())),
+        Err(failure) => Err(h2_failure(failure)),
+    }
+}
+
+fn h2_failure<B>(failure: h2_upstream::SendFailure<B>) -> SendError {
+    match failure {
+        h2_upstream::SendFailure::Refused(e) => SendError::Refused(e.into()),
+        h2_upstream::SendFailure::Sent(e) => SendError::Upstream(e.into()),
+        h2_upstream::SendFailure::ClientBody(e) => SendError::Upstream(e),
+        h2_upstream::SendFailure::NotSent(_) => SendError::Upstream("the connection took no stream".into()),
     }
 }

@@ -5,10 +5,12 @@
 use crate::access_log::AccessLog;
 use crate::balance::Balancer;
 use crate::detect::{complete_tls_record, detect, Detected, PrefixedIo};
+use crate::head_timeout::{HeadTimeout, Heads};
 use crate::http::{HttpProxy, Target};
 use crate::identity::{MeshTls, TlsHandle};
 use crate::metrics::Metrics;
 use crate::recycle::Recycled;
+use crate::resets::{Abandoned, ResetLimiter};
 use crate::snapshot::Snapshot;
 use crate::tcp;
 use arc_swap::ArcSwap;
@@ -29,10 +31,15 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub max_connections: usize,
     pub idle_timeout: Duration,
+    /// From the first byte of an HTTP/1 request head to its end.
+    pub header_read_timeout: Duration,
     pub max_retry_body_bytes: u64,
     pub detect_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_concurrent_streams: u32,
+    /// HTTP/2 requests a client may abandon per second (stream resets) before its
+    /// connections are closed (see `resets.rs`); 0: no limit.
+    pub max_client_resets: u32,
 }
 
 impl Default for Limits {
@@ -41,13 +48,18 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
             idle_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(10),
             max_retry_body_bytes: 64 * 1024,
             detect_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
             max_concurrent_streams: 1024,
+            max_client_resets: 200,
         }
     }
 }
+
+/// How long a connection closed for its client's resets may finish streams in flight.
+const KICKED_DRAIN: Duration = Duration::from_secs(1);
 
 /// State shared by every worker: read-mostly, never locked on the request path.
 pub struct Shared {
@@ -58,6 +70,8 @@ pub struct Shared {
     pub connections: AtomicUsize,
     /// This proxy's mesh identity, once it has one.
     pub tls: TlsHandle,
+    /// Abandoned requests per client address.
+    pub resets: ResetLimiter,
 }
 
 pub struct ListenerSpec {
@@ -128,6 +142,11 @@ pub async fn accept_loop(
                         continue;
                     }
                 };
+                if shared.resets.is_blocked(peer.ip()) {
+                    // Over --max-client-resets a moment ago: refused for a while.
+                    shared.metrics.connections_refused.with_label_values(&[&spec.name]).inc();
+                    continue;
+                }
                 if shared.connections.fetch_add(1, Ordering::Relaxed) >= shared.limits.max_connections {
                     shared.connections.fetch_sub(1, Ordering::Relaxed);
                     shared.metrics.connections_refused.with_label_values(&[&spec.name]).inc();
@@ -284,7 +303,18 @@ impl Connection {
             // the moves into that task pointer-sized (callgrind: 38.0k -> 34.5k instructions
             // per h2c request). HTTP/1 serves requests in place and does better unboxed.
             // The box's block is recycled by the worker (see `recycle.rs`).
-            let service = service_fn(move |req| Recycled::new_with(|| proxy.clone().handle(req)));
+            // A stream reset before its response counts against the client's
+            // --max-client-resets; over it, `kicked` closes this connection.
+            let kicked = self.shared.resets.kick(self.peer.ip());
+            let service = service_fn(move |req| {
+                let proxy = proxy.clone();
+                Recycled::new_with(|| async move {
+                    let abandoned = Abandoned::new(&proxy.shared.resets, proxy.client.ip());
+                    let resp = proxy.handle(req).await;
+                    abandoned.answered();
+                    resp
+                })
+            });
             let conn = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
@@ -292,15 +322,47 @@ impl Connection {
                 .keep_alive_interval(Some(limits.idle_timeout / 2))
                 .serve_connection(TokioIo::new(io), service);
             let mut conn = std::pin::pin!(conn);
+            let kicked = async {
+                match kicked {
+                    Some(kick) => kick.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 r = conn.as_mut() => r,
                 _ = stopped(&mut stop) => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
+                _ = kicked => {
+                    // GOAWAY, and a moment for the client's streams in flight; then closed.
+                    self.shared.metrics.proxy_error(self.spec.direction, "client resets");
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(KICKED_DRAIN, conn).await;
+                    return;
+                }
             }
         } else {
-            let service = service_fn(move |req| proxy.clone().handle(req));
+            // hyper's header timer bounds the wait for a head, idle time included
+            // (`--idle-timeout`); `--header-read-timeout` runs from a head's first byte.
+            let heads = Arc::new(Heads::default());
+            let io = HeadTimeout::new(io, heads.clone(), limits.header_read_timeout);
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let in_proxy = heads.head_complete();
+                let connect = req.method() == hyper::Method::CONNECT;
+                let proxy = proxy.clone();
+                async move {
+                    let resp = proxy.handle(req).await;
+                    if let Ok(resp) = &resp {
+                        let status = resp.status();
+                        if status == hyper::StatusCode::SWITCHING_PROTOCOLS || (connect && status.is_success()) {
+                            in_proxy.tunnel();
+                        }
+                    }
+                    drop(in_proxy);
+                    resp
+                }
+            });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .writev(false)

@@ -1,0 +1,182 @@
+//! `--header-read-timeout`: an HTTP/1 client has this long from the first byte of a request
+//! head to its end (HAProxy's `timeout http-request`). A client trickling its head a byte at a
+//! time (slowloris) would otherwise hold the connection for the whole `--idle-timeout`.
+//!
+//! hyper's own header timer cannot be used for it: it starts when hyper begins waiting for a
+//! head, so on a keep-alive connection it also bounds the idle time between requests, which
+//! is `--idle-timeout`'s job (and hyper keeps that one). Here the connection's reads are
+//! watched instead: the clock starts with the first byte read while no request is in the
+//! proxy, and stops when the head is complete (the service is called). The cost per request
+//! is a few relaxed atomic operations on the connection's own counters.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// What the service tells the watch: heads completed, and requests still in the proxy.
+#[derive(Default)]
+pub struct Heads {
+    completed: AtomicU64,
+    in_proxy: AtomicUsize,
+    /// The connection became a tunnel (an upgrade or CONNECT): no more heads on it.
+    tunnel: AtomicBool,
+}
+
+/// A request in the proxy, from its complete head until its response is handed back.
+pub struct InProxy(Arc<Heads>);
+
+impl Heads {
+    /// Called when hyper hands the service a complete head.
+    pub fn head_complete(self: &Arc<Self>) -> InProxy {
+        self.completed.fetch_add(1, Ordering::Relaxed);
+        self.in_proxy.fetch_add(1, Ordering::Relaxed);
+        InProxy(self.clone())
+    }
+
+    /// Called when a response turns the connection into a tunnel.
+    pub fn tunnel(&self) {
+        self.tunnel.store(true, Ordering::Relaxed);
+    }
+}
+
+impl InProxy {
+    /// This request's response turns the connection into a tunnel.
+    pub fn tunnel(&self) {
+        self.0.tunnel();
+    }
+}
+
+impl Drop for InProxy {
+    fn drop(&mut self) {
+        self.0.in_proxy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An HTTP/1 connection's I/O that fails its reads once a head takes too long.
+pub struct HeadTimeout<I> {
+    io: I,
+    heads: Arc<Heads>,
+    limit: Duration,
+    /// Armed: the deadline and the count of completed heads when the clock started.
+    armed: Option<(Pin<Box<Sleep>>, u64)>,
+}
+
+impl<I> HeadTimeout<I> {
+    pub fn new(io: I, heads: Arc<Heads>, limit: Duration) -> Self {
+        HeadTimeout {
+            io,
+            heads,
+            limit,
+            armed: None,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for HeadTimeout<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.heads.tunnel.load(Ordering::Relaxed) {
+            this.armed = None;
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let completed = this.heads.completed.load(Ordering::Relaxed);
+        if let Some((sleep, at)) = &mut this.armed {
+            if *at != completed {
+                // The head being timed is complete.
+                this.armed = None;
+            } else if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "request head not complete within --header-read-timeout",
+                )));
+            }
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        let read = buf.filled().len() > before;
+        if read && this.armed.is_none() && this.heads.in_proxy.load(Ordering::Relaxed) == 0 {
+            // The first bytes of a new head: start the clock, and poll it once so its
+            // expiry wakes this connection even if the client sends nothing more.
+            let mut sleep = Box::pin(tokio::time::sleep_until(Instant::now() + this.limit));
+            let _ = sleep.as_mut().poll(cx);
+            this.armed = Some((sleep, completed));
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for HeadTimeout<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickled_head_times_out_and_a_complete_one_does_not() {
+        let (client, server) = tokio::io::duplex(64);
+        let heads = Arc::new(Heads::default());
+        let mut io = HeadTimeout::new(server, heads.clone(), Duration::from_secs(10));
+        let (client_read, mut client_write) = tokio::io::split(client);
+        let mut buf = [0u8; 16];
+
+        // A head that completes in time: no error, and the clock stops.
+        client_write.write_all(b"GET").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 3);
+        let in_proxy = heads.head_complete();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        // Body bytes while the request is in the proxy do not start the clock.
+        client_write.write_all(b"body").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 4);
+        drop(in_proxy);
+        tokio::time::advance(Duration::from_secs(30)).await;
+
+        // The next head trickles: the read fails 10 s after its first byte.
+        client_write.write_all(b"G").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        client_write.write_all(b"E").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        let failed = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(failed.kind(), io::ErrorKind::TimedOut);
+
+        // A tunnel's bytes are not a head.
+        heads.tunnel();
+        client_write.write_all(b"frame").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 5);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        client_write.write_all(b"frame").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 5);
+        drop(client_read);
+    }
+}
