@@ -127,25 +127,16 @@ fn errors_text(errors: &[ConfigError]) -> String {
     errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
 }
 
-/// All or nothing: the new resources are validated together with everything stored (so
-/// references resolve), then written in one transaction guarded by the revisions read.
-async fn apply(
-    State(state): State<Shared>,
-    Query(q): Query<ApplyQuery>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<impl IntoResponse, ApiError> {
-    require_token(&state, &headers)?;
-    let is_json = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    // Several files in one apply (JSON `{"files": [{"name", "text"}]}`) stand or fall together.
+/// The resources in an apply request's body (parsed, not yet validated): a YAML file, or with
+/// `is_json` several (`{"files": [{"name", "text"}]}`) that stand or fall together. Errors
+/// are 400s naming the file, document and field.
+pub(crate) fn parse_apply_body(is_json: bool, file: Option<String>, body: &[u8]) -> Result<Vec<Sourced>, ApiError> {
     let files: Vec<ApplyFile> = if is_json {
-        serde_json::from_slice::<ApplyFiles>(&body)
+        serde_json::from_slice::<ApplyFiles>(body)
             .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid apply request: {e}")))?
             .files
     } else {
-        let name = q.file.unwrap_or_else(|| "request".into());
+        let name = file.unwrap_or_else(|| "request".into());
         let text = String::from_utf8(body.to_vec())
             .map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("{name}: not UTF-8 text")))?;
         vec![ApplyFile { name, text }]
@@ -164,6 +155,22 @@ async fn apply(
     if new.is_empty() {
         return Err(ApiError(StatusCode::BAD_REQUEST, "no resources to apply".into()));
     }
+    Ok(new)
+}
+
+/// All or nothing: the new resources are validated together with everything stored (so
+/// references resolve), then written in one transaction guarded by the revisions read.
+async fn apply(
+    State(state): State<Shared>,
+    Query(q): Query<ApplyQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    require_token(&state, &headers)?;
+    let is_json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let new = parse_apply_body(is_json, q.file, &body)?;
     let (kvs, _) = current(state.store.as_ref()).await?;
     let mut merged: Vec<Sourced> = as_sourced(stored_resources(&kvs), "(stored)")
         .into_iter()

@@ -192,6 +192,19 @@ pub struct TokenRequest {
     ttl: Option<String>,
 }
 
+/// Checks a token request; the token's expiry (Unix seconds) when issued at `now`.
+pub(crate) fn token_expiry(req: &TokenRequest, now: SystemTime) -> Result<u64, ApiError> {
+    smesh_model::validate_name(&req.service).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("service: {e}")))?;
+    let ttl = match req.ttl.as_deref() {
+        Some(t) => humantime::parse_duration(t).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("ttl: {e}")))?,
+        None => DEFAULT_TOKEN_TTL,
+    };
+    // humantime reads up to 2^64 s (`300000000000y`), past what SystemTime can hold.
+    now.checked_add(ttl)
+        .map(unix)
+        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, format!("ttl: {ttl:?} is too long")))
+}
+
 /// `POST /api/v1/tokens`: a new single-use join token for a service.
 pub async fn create_token(
     State(state): State<Shared>,
@@ -199,13 +212,8 @@ pub async fn create_token(
     Json(req): Json<TokenRequest>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     require_token(&state, &headers)?;
-    smesh_model::validate_name(&req.service).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("service: {e}")))?;
-    let ttl = match req.ttl.as_deref() {
-        Some(t) => humantime::parse_duration(t).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("ttl: {e}")))?,
-        None => DEFAULT_TOKEN_TTL,
-    };
+    let expires_unix = token_expiry(&req, SystemTime::now())?;
     let token: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
-    let expires_unix = unix(SystemTime::now() + ttl);
     let stored = StoredToken {
         service: req.service.clone(),
         expires_unix,

@@ -29,15 +29,15 @@ pub fn routes() -> Router<Shared> {
 }
 
 #[derive(Deserialize, Default)]
-struct KvQuery {
-    raw: Option<String>,
-    recurse: Option<String>,
-    index: Option<u64>,
-    wait: Option<String>,
-    cas: Option<u64>,
+pub(crate) struct KvQuery {
+    pub(crate) raw: Option<String>,
+    pub(crate) recurse: Option<String>,
+    pub(crate) index: Option<u64>,
+    pub(crate) wait: Option<String>,
+    pub(crate) cas: Option<u64>,
 }
 
-fn check_key(key: &str) -> Result<(), ApiError> {
+pub(crate) fn check_key(key: &str) -> Result<(), ApiError> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES || key.starts_with('/') || key.contains("//") {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,

@@ -10,6 +10,8 @@ pub mod check;
 pub mod compose;
 pub mod discovery;
 pub mod feed;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod identity;
 pub mod keys;
 pub mod kv;

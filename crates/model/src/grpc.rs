@@ -296,13 +296,8 @@ pub(crate) fn validate_grpc_rules(route: &GrpcRoute, services: &HashSet<&str>, f
                 }
                 GrpcMethodMatchType::RegularExpression => {
                     for (name, pattern) in [("service", &method.service), ("method", &method.method)] {
-                        if let Some(p) = pattern {
-                            if let Err(e) = regex::Regex::new(p) {
-                                fail(
-                                    &format!("{at}.{name}"),
-                                    format!("invalid regular expression {p:?}: {e}"),
-                                );
-                            }
+                        if let Some(why) = pattern.as_deref().and_then(crate::validate::regex_error) {
+                            fail(&format!("{at}.{name}"), why);
                         }
                     }
                 }

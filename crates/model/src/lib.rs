@@ -9,6 +9,8 @@
 pub mod duration;
 mod error;
 mod filters;
+#[cfg(test)]
+mod fuzz_tests;
 mod grpc;
 mod parse;
 mod policy;

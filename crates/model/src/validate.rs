@@ -132,8 +132,8 @@ impl Checker<'_> {
     }
 
     fn regex(&mut self, field: &str, pattern: &str) {
-        if let Err(e) = regex::Regex::new(pattern) {
-            self.fail(field, format!("invalid regular expression {pattern:?}: {e}"));
+        if let Some(why) = regex_error(pattern) {
+            self.fail(field, why);
         }
     }
 
@@ -391,6 +391,19 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Why `pattern` cannot be a match's regular expression. The proxy matches whole values, as
+/// `^(?:pattern)$` (a GRPCRoute's inside `/(?:service)/(?:method)`), so that form must compile
+/// too: a pattern ending in a `#` comment of `(?x)` mode would comment out the rest, and the
+/// match would never match.
+pub(crate) fn regex_error(pattern: &str) -> Option<String> {
+    if let Err(e) = regex::Regex::new(pattern) {
+        return Some(format!("invalid regular expression {pattern:?}: {e}"));
+    }
+    regex::Regex::new(&format!("^(?:{pattern})$")).err().map(|_| {
+        format!("invalid regular expression {pattern:?}: it must end outside a `#` comment (end the comment with a line break)")
+    })
+}
+
 fn http_header_name_invalid(name: &str) -> bool {
     !name
         .bytes()
@@ -477,6 +490,15 @@ mod tests {
             format!("{SERVICE}---\napiVersion: smesh.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{name: api}}]\n  rules: [{{matches: [{{cookies: [{{name: '{name}', type: RegularExpression, value: '{value}'}}]}}]}}]\n")
         };
         assert_eq!(errors(&cookie("canary", "1|yes")), "");
+        // Found by fuzzing: a trailing `(?x)` comment compiles alone, but comments out the
+        // `)$` the proxy anchors it with, leaving a rule that never matches.
+        let e = errors(&cookie("canary", "(?x)1|yes # on"));
+        assert!(
+            e.contains("spec.rules[0].matches[0].cookies[0].value: invalid regular expression")
+                && e.contains("end the comment with a line break"),
+            "{e}"
+        );
+        assert_eq!(crate::validate::regex_error("(?x)1|yes # on\n"), None);
         let e = errors(&cookie("can ary", "("));
         assert!(
             e.contains("spec.rules[0].matches[0].cookies[0].name: invalid name"),

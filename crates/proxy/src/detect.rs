@@ -23,9 +23,12 @@ pub enum Detected {
     Opaque,
 }
 
-fn classify(buf: &[u8]) -> Option<Detected> {
+/// The protocol `buf` (the first bytes of a connection) starts, `None` while more bytes are
+/// needed (never past the 24 bytes of the HTTP/2 preface).
+pub(crate) fn classify(buf: &[u8]) -> Option<Detected> {
+    let first = *buf.first()?;
     // A TLS handshake record: content type 22, major version 3.
-    if buf[0] == 0x16 {
+    if first == 0x16 {
         return match buf.get(1) {
             Some(3) => Some(Detected::Tls),
             Some(_) => Some(Detected::Opaque),
@@ -156,5 +159,12 @@ mod tests {
         assert_eq!(classify(b"\x16"), None);
         assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Some(Detected::Opaque));
         assert_eq!(classify(b"HELLO WORLD"), Some(Detected::Opaque));
+    }
+
+    /// Found by fuzzing: no bytes yet indexed `buf[0]` and panicked (`detect` only calls it
+    /// after a read of at least one byte, so it was latent).
+    #[test]
+    fn nothing_yet_is_undecided() {
+        assert_eq!(classify(b""), None);
     }
 }

@@ -152,6 +152,10 @@ pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
         return None;
     }
     let (digits, unit) = v.split_at(v.len() - 1);
+    // Digits only (`u64::from_str` would also take a leading `+`, which gRPC does not).
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),

@@ -453,7 +453,8 @@ impl HttpProxy {
                         // Nothing was processed: sent again (a new connection if that one
                         // is going away), like a failed connect, not counted as a retry.
                         refused += 1;
-                        if refused > MAX_CONNECT_ATTEMPTS || saved.is_none() || streamed_once {
+                        let body_kept = replay.is_some() || replayable.as_ref().is_some_and(|kept| kept.can_replay());
+                        if refused > MAX_CONNECT_ATTEMPTS || saved.is_none() || streamed_once || !body_kept {
                             return Err((ProxyError::UpstreamFailed, format!("{}: {e}", endpoint.addr)));
                         }
                         tracing::debug!(endpoint = %endpoint.addr, error = %e, "stream refused: sending again");

@@ -20,6 +20,8 @@ pub mod detect;
 pub mod errors;
 pub mod fault;
 pub mod filters;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod h2_upstream;
 pub mod head_timeout;
 pub mod headers;

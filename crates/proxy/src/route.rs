@@ -187,7 +187,7 @@ impl ValueMatcher {
     }
 }
 
-fn anchored(pattern: &str) -> Regex {
+pub(crate) fn anchored(pattern: &str) -> Regex {
     Regex::new(&format!("^(?:{pattern})$")).unwrap_or_else(|_| Regex::new("[^\\s\\S]").expect("static regex"))
 }
 

@@ -215,6 +215,14 @@ impl Connection {
                 }
             }
         };
+        // A destination declared HTTP gets HTTP: bytes that are not recognised in time (a
+        // slow start, an extension method) are parsed by hyper, which answers 400 to what it
+        // cannot read, instead of being spliced through unparsed past routes, filters and
+        // method/path authorization rules.
+        let protocol = match protocol {
+            Detected::Opaque if self.http_declared() => Detected::Http1,
+            other => other,
+        };
         let mut prefix = prefix;
         if matches!(self.spec.target, Target::Inbound(_)) {
             let strict = self.shared.config.load().mtls == smesh_model::MtlsMode::Strict;
@@ -304,14 +312,23 @@ impl Connection {
             // per h2c request). HTTP/1 serves requests in place and does better unboxed.
             // The box's block is recycled by the worker (see `recycle.rs`).
             // A stream reset before its response counts against the client's
-            // --max-client-resets; over it, `kicked` closes this connection.
-            let kicked = self.shared.resets.kick(self.peer.ip());
+            // --max-client-resets; over it, `kicked` closes this connection. A mesh peer (a
+            // proxy that verified itself) relays its own clients' resets, already limited
+            // there, for many clients at once: it is not limited here.
+            let limited = proxy.peer.is_none();
+            let kicked = if limited {
+                self.shared.resets.kick(self.peer.ip())
+            } else {
+                None
+            };
             let service = service_fn(move |req| {
                 let proxy = proxy.clone();
                 Recycled::new_with(|| async move {
-                    let abandoned = Abandoned::new(&proxy.shared.resets, proxy.client.ip());
+                    let abandoned = limited.then(|| Abandoned::new(&proxy.shared.resets, proxy.client.ip()));
                     let resp = proxy.handle(req).await;
-                    abandoned.answered();
+                    if let Some(abandoned) = abandoned {
+                        abandoned.answered();
+                    }
                     resp
                 })
             });
@@ -393,6 +410,17 @@ impl Connection {
         let snapshot = self.shared.config.load();
         crate::authz::decide_inbound(&snapshot, &self.shared.metrics, rule, peer, None, None)
             .is_none_or(|d| d.allowed())
+    }
+
+    /// Whether this listener's destination is declared HTTP (http, http2 or grpc).
+    fn http_declared(&self) -> bool {
+        use smesh_model::Protocol;
+        let declared = match &self.spec.target {
+            Target::Inbound(rule) => rule.backends.first().and_then(|b| b.protocol),
+            Target::Upstream(name) => self.shared.config.load().service(name).and_then(|s| s.protocol(None)),
+            Target::Outbound => None,
+        };
+        matches!(declared, Some(Protocol::Http | Protocol::Http2 | Protocol::Grpc))
     }
 
     /// A `--upstream` port for a service declared `protocol: tcp` skips detection, so

@@ -897,3 +897,37 @@ def test_slow_request_head_is_closed_after_header_read_timeout(run, upstream):
     assert b"X-Slow" not in upstream.all_raw()
     assert len([r for r in reqs if r.target.startswith("/normal/")]) == len(statuses), (len(reqs), statuses)
     assert px.alive(), px.stderr()[-3000:]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case,first,rest", [
+    # the first bytes arrive after protocol detection's 1 s
+    ("slow_start", b"GE", b"T /raw HTTP/1.1\r\nHost: api\r\nConnection: keep-alive, X-Internal\r\n"
+                          b"X-Internal: secret\r\n\r\n"),
+    # a method detection does not know
+    ("extension_method", b"PURGE /x HTTP/1.1\r\nHost: api\r\nConnection: X-Internal\r\n"
+                         b"X-Internal: 1\r\n\r\n", b""),
+])
+def test_upstream_port_of_an_http_service_never_splices_unparsed(run, upstream, case, first, rest):
+    """An `--upstream` port of a service declared `protocol: http` serves HTTP whatever
+    detection made of the first bytes: never a raw splice that would pass a Connection-listed
+    header (and skip routes, filters and method/path authorization)."""
+    px = run.proxy([service("api", [upstream.address])], upstreams=["api"])
+    c = RawClient(px.upstream["api"])
+    try:
+        c.send(first)
+        if rest:
+            # past the 1 s detection timeout: poll until the proxy has given up detecting
+            wait_until(lambda: metric_sum(px.metrics(), "smesh_connections_active") >= 1, 5)
+            time.sleep(1.3)  # the defect needs bytes *after* the timeout; this is the input, not a sync
+            c.send(rest)
+        r = c.read_response()
+    finally:
+        c.close()
+    assert r is not None, "no HTTP response: the connection was spliced or closed"
+    upstream.settle()
+    reqs, conns = upstream.snapshot()
+    raw = upstream.all_raw()
+    assert b"X-Internal" not in raw and b"x-internal" not in raw, raw
+    for idx, unparsed, errors in conns:
+        assert unparsed == b"", f"upstream conn {idx} got unparsed bytes {unparsed!r}"
