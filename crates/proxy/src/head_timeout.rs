@@ -45,10 +45,45 @@ impl Heads {
     }
 }
 
-impl InProxy {
-    /// This request's response turns the connection into a tunnel.
-    pub fn tunnel(&self) {
-        self.0.tunnel();
+pin_project_lite::pin_project! {
+    /// A request's future with its [`InProxy`] mark, dropped when the response is handed
+    /// back. (A thin wrapper, not an async block: the request future is built in place rather
+    /// than built and then copied into the block's state, a few KB per request.)
+    pub struct Handling<F> {
+        #[pin]
+        request: F,
+        in_proxy: Option<InProxy>,
+        connect: bool,
+    }
+}
+
+impl<F> Handling<F> {
+    /// `connect`: a CONNECT request, whose success makes the connection a tunnel.
+    pub fn new(in_proxy: InProxy, connect: bool, request: F) -> Self {
+        Handling {
+            request,
+            in_proxy: Some(in_proxy),
+            connect,
+        }
+    }
+}
+
+impl<F, B, E> Future for Handling<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.request.poll(cx));
+        if let (Ok(resp), Some(in_proxy)) = (&out, this.in_proxy.take()) {
+            let status = resp.status();
+            if status == http::StatusCode::SWITCHING_PROTOCOLS || (*this.connect && status.is_success()) {
+                in_proxy.0.tunnel();
+            }
+        }
+        Poll::Ready(out)
     }
 }
 

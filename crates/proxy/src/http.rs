@@ -59,7 +59,7 @@ pub(crate) const ORIG_PROTO: header::HeaderName = header::HeaderName::from_stati
 type Failure = (ProxyError, String);
 
 impl HttpProxy {
-    pub async fn handle(&self, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    pub async fn handle(self, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let start = Instant::now();
         let grpc = is_grpc(&req);
         if let Err(detail) = check_host(&mut req) {

@@ -216,7 +216,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         access_log,
         connections: AtomicUsize::new(0),
         tls: tls.clone(),
-        resets: crate::resets::ResetLimiter::new(options.limits.max_client_resets),
+        resets: Arc::new(crate::resets::ResetLimiter::new(options.limits.max_client_resets)),
     });
     let specs: Vec<(SocketAddr, Arc<ListenerSpec>)> = specs.into_iter().map(|(a, s)| (a, Arc::new(s))).collect();
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -9,9 +9,12 @@
 //! connection starts (then only while some client is blocked), never per request.
 
 use rustc_hash::FxHashMap;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
@@ -118,14 +121,14 @@ impl ResetLimiter {
 }
 
 /// Counts the request as abandoned if it is dropped before [`Abandoned::answered`].
-pub struct Abandoned<'a> {
-    limiter: &'a ResetLimiter,
+pub struct Abandoned {
+    limiter: Arc<ResetLimiter>,
     client: IpAddr,
     answered: bool,
 }
 
-impl<'a> Abandoned<'a> {
-    pub fn new(limiter: &'a ResetLimiter, client: IpAddr) -> Self {
+impl Abandoned {
+    pub fn new(limiter: Arc<ResetLimiter>, client: IpAddr) -> Self {
         Abandoned {
             limiter,
             client,
@@ -138,7 +141,7 @@ impl<'a> Abandoned<'a> {
     }
 }
 
-impl Drop for Abandoned<'_> {
+impl Drop for Abandoned {
     fn drop(&mut self) {
         if !self.answered && self.limiter.on_reset(self.client) {
             tracing::info!(client = %self.client, "client over --max-client-resets: its connections close");
@@ -146,10 +149,35 @@ impl Drop for Abandoned<'_> {
     }
 }
 
+/// A request's future that reports whether it was abandoned (dropped before its response).
+/// A thin wrapper around an `Unpin` future (the recycled block the HTTP/2 path keeps its
+/// request future in), so nothing large is moved.
+pub struct Answered<F> {
+    abandoned: Option<Abandoned>,
+    request: F,
+}
+
+impl<F> Answered<F> {
+    pub fn new(abandoned: Option<Abandoned>, request: F) -> Self {
+        Answered { abandoned, request }
+    }
+}
+
+impl<F: Future + Unpin> Future for Answered<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let out = std::task::ready!(Pin::new(&mut self.request).poll(cx));
+        if let Some(abandoned) = self.abandoned.take() {
+            abandoned.answered();
+        }
+        Poll::Ready(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::future::Future;
 
     #[test]
     fn a_client_over_its_burst_is_blocked_and_others_are_not() {

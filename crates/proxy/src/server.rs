@@ -5,12 +5,12 @@
 use crate::access_log::AccessLog;
 use crate::balance::Balancer;
 use crate::detect::{complete_tls_record, detect, Detected, PrefixedIo};
-use crate::head_timeout::{HeadTimeout, Heads};
+use crate::head_timeout::{Handling, HeadTimeout, Heads};
 use crate::http::{HttpProxy, Target};
 use crate::identity::{MeshTls, TlsHandle};
 use crate::metrics::Metrics;
 use crate::recycle::Recycled;
-use crate::resets::{Abandoned, ResetLimiter};
+use crate::resets::{Abandoned, Answered, ResetLimiter};
 use crate::snapshot::Snapshot;
 use crate::tcp;
 use arc_swap::ArcSwap;
@@ -71,7 +71,7 @@ pub struct Shared {
     /// This proxy's mesh identity, once it has one.
     pub tls: TlsHandle,
     /// Abandoned requests per client address.
-    pub resets: ResetLimiter,
+    pub resets: Arc<ResetLimiter>,
 }
 
 pub struct ListenerSpec {
@@ -321,16 +321,11 @@ impl Connection {
             } else {
                 None
             };
+            let resets = self.shared.resets.clone();
+            let client = self.peer.ip();
             let service = service_fn(move |req| {
-                let proxy = proxy.clone();
-                Recycled::new_with(|| async move {
-                    let abandoned = limited.then(|| Abandoned::new(&proxy.shared.resets, proxy.client.ip()));
-                    let resp = proxy.handle(req).await;
-                    if let Some(abandoned) = abandoned {
-                        abandoned.answered();
-                    }
-                    resp
-                })
+                let abandoned = limited.then(|| Abandoned::new(resets.clone(), client));
+                Answered::new(abandoned, Recycled::new_with(|| proxy.clone().handle(req)))
             });
             let conn = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -365,20 +360,8 @@ impl Connection {
             let heads = Arc::new(Heads::default());
             let io = HeadTimeout::new(io, heads.clone(), limits.header_read_timeout);
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let in_proxy = heads.head_complete();
                 let connect = req.method() == hyper::Method::CONNECT;
-                let proxy = proxy.clone();
-                async move {
-                    let resp = proxy.handle(req).await;
-                    if let Ok(resp) = &resp {
-                        let status = resp.status();
-                        if status == hyper::StatusCode::SWITCHING_PROTOCOLS || (connect && status.is_success()) {
-                            in_proxy.tunnel();
-                        }
-                    }
-                    drop(in_proxy);
-                    resp
-                }
+                Handling::new(heads.head_complete(), connect, proxy.clone().handle(req))
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())

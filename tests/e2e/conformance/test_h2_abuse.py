@@ -767,6 +767,54 @@ def test_rapid_reset_many_connections(env, mode, per_thread):
     w.check()
 
 
+@pytest.mark.timeout(90)
+def test_resets_over_many_connections_hit_the_per_client_limit(run):
+    """Issue 13 item 7: a reset flood spread over many connections from one client address,
+    each connection staying under hyper's per-connection limits, is cut off by
+    `--max-client-resets` (here 20/s, bursts of 40): that client's connections get a GOAWAY
+    and close, and new ones from its address are refused for a while, while a client on
+    another address is still served and the upstream saw at most about the burst."""
+    target = run.http_backend("target")
+    okb = run.http_backend("ok")
+    px = run.proxy([service("api", [target.address]), service("ok", [okb.address])],
+                   extra_args=["--max-client-resets", "20"])
+    deadline = time.monotonic() + 20
+    total, ended = 0, 0
+    refused = False
+    for _ in range(40):  # bounded: at most 40 connections of at most 20 resets each
+        try:
+            c = RawH2(px.outbound, source="127.0.0.3")
+        except Closed:
+            refused = True
+            break
+        with c:
+            sent, broken = rapid_reset(c, 1, 20, deadline, batch=10, mode="after_accept")
+            total += sent
+            if broken or c.goaway or c.eof:
+                ended += 1
+                if c.wait_conn_error(5) is not None or c.wait_eof(5):
+                    pass
+        if time.monotonic() > deadline:
+            break
+    if not refused:
+        # the block may be noticed only by the next connection attempt
+        try:
+            with RawH2(px.outbound, source="127.0.0.3") as c:
+                refused = not c.ping(b"refused?", timeout=3)
+        except Closed:
+            refused = True
+    print(f"\n[per-client resets] {total} streams reset before the cut; {ended} connections ended; "
+          f"refused afterwards: {refused}; {target.stats()['requests']} reached the upstream")
+    assert ended >= 1, f"{total} resets over many connections and no connection was ended"
+    assert refused, "the client's address was not refused after going over --max-client-resets"
+    assert total <= 200, f"{total} resets were taken before the limit of 20/s (burst 40) cut in"
+    # another client (127.0.0.1) is unaffected
+    r = curl("--http2-prior-knowledge", "--connect-to", f"ok:80:127.0.0.1:{px.outbound}",
+             "-o", "/dev/null", "-w", "%{http_code}", "http://ok/after")
+    assert r.stdout == b"200", r
+    assert px.alive()
+
+
 # --------------------------------------------------------------------------- CONTINUATION flood
 
 @pytest.mark.timeout(60)
