@@ -94,12 +94,18 @@ impl Drop for InProxy {
 }
 
 /// An HTTP/1 connection's I/O that fails its reads once a head takes too long.
+///
+/// Most heads arrive whole in one read and are parsed before the next, so the clock costs
+/// nothing for them: a head is only marked as started, and the timer (one per connection,
+/// reused) is set only when a read has to wait with a head still incomplete.
 pub struct HeadTimeout<I> {
     io: I,
     heads: Arc<Heads>,
     limit: Duration,
-    /// Armed: the deadline and the count of completed heads when the clock started.
-    armed: Option<(Pin<Box<Sleep>>, u64)>,
+    /// A head has started: the count of completed heads then, and its deadline once a read
+    /// had to wait for the rest.
+    started: Option<(u64, Option<Instant>)>,
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<I> HeadTimeout<I> {
@@ -108,39 +114,52 @@ impl<I> HeadTimeout<I> {
             io,
             heads,
             limit,
-            armed: None,
+            started: None,
+            timer: None,
         }
     }
+}
+
+fn head_timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "request head not complete within --header-read-timeout",
+    )
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for HeadTimeout<I> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.heads.tunnel.load(Ordering::Relaxed) {
-            this.armed = None;
+            this.started = None;
             return Pin::new(&mut this.io).poll_read(cx, buf);
         }
         let completed = this.heads.completed.load(Ordering::Relaxed);
-        if let Some((sleep, at)) = &mut this.armed {
-            if *at != completed {
-                // The head being timed is complete.
-                this.armed = None;
-            } else if sleep.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "request head not complete within --header-read-timeout",
-                )));
-            }
+        if this.started.is_some_and(|(at, _)| at != completed) {
+            // The head being timed is complete.
+            this.started = None;
         }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        let read = buf.filled().len() > before;
-        if read && this.armed.is_none() && this.heads.in_proxy.load(Ordering::Relaxed) == 0 {
-            // The first bytes of a new head: start the clock, and poll it once so its
-            // expiry wakes this connection even if the client sends nothing more.
-            let mut sleep = Box::pin(tokio::time::sleep_until(Instant::now() + this.limit));
-            let _ = sleep.as_mut().poll(cx);
-            this.armed = Some((sleep, completed));
+        if buf.filled().len() > before && this.started.is_none() && this.heads.in_proxy.load(Ordering::Relaxed) == 0 {
+            // The first bytes of a new head.
+            this.started = Some((completed, None));
+        }
+        if polled.is_pending() {
+            if let Some((_, deadline)) = &mut this.started {
+                // Waiting for the rest of a head: the clock runs (from this first wait, a
+                // moment after the head's first bytes), and its expiry wakes this task.
+                let deadline = *deadline.get_or_insert_with(|| Instant::now() + this.limit);
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(head_timed_out()));
+                }
+            }
         }
         polled
     }
@@ -196,14 +215,29 @@ mod tests {
         drop(in_proxy);
         tokio::time::advance(Duration::from_secs(30)).await;
 
-        // The next head trickles: the read fails 10 s after its first byte.
+        // The next head trickles (a byte, another 5 s later, then nothing), read as hyper reads (again at once
+        // while the head is incomplete): the read fails 10 s after its first byte.
         client_write.write_all(b"G").await.unwrap();
         assert_eq!(io.read(&mut buf).await.unwrap(), 1);
-        tokio::time::advance(Duration::from_secs(5)).await;
-        client_write.write_all(b"E").await.unwrap();
-        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
-        let failed = io.read(&mut buf).await.unwrap_err();
+        let first_byte = Instant::now();
+        let trickle = tokio::spawn(async move {
+            for byte in [b"E"] {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if client_write.write_all(byte).await.is_err() {
+                    break;
+                }
+            }
+            client_write
+        });
+        let failed = loop {
+            match io.read(&mut buf).await {
+                Ok(n) => assert_eq!(n, 1),
+                Err(e) => break e,
+            }
+        };
         assert_eq!(failed.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(first_byte.elapsed(), Duration::from_secs(10));
+        let mut client_write = trickle.await.unwrap();
 
         // A tunnel's bytes are not a head.
         heads.tunnel();
