@@ -219,8 +219,12 @@ impl Connection {
         // slow start, an extension method) are parsed by hyper, which answers 400 to what it
         // cannot read, instead of being spliced through unparsed past routes, filters and
         // method/path authorization rules.
+        // So does the outbound port, which has nowhere to send opaque bytes: an extension
+        // method (PURGE, PROPFIND) is served rather than dropped. A client that sent nothing
+        // there is still closed at once.
         let protocol = match protocol {
             Detected::Opaque if self.http_declared() => Detected::Http1,
+            Detected::Opaque if matches!(self.spec.target, Target::Outbound) && !prefix.is_empty() => Detected::Http1,
             other => other,
         };
         let mut prefix = prefix;

@@ -931,3 +931,17 @@ def test_upstream_port_of_an_http_service_never_splices_unparsed(run, upstream, 
     assert b"X-Internal" not in raw and b"x-internal" not in raw, raw
     for idx, unparsed, errors in conns:
         assert unparsed == b"", f"upstream conn {idx} got unparsed bytes {unparsed!r}"
+
+
+@pytest.mark.timeout(60)
+def test_extension_method_on_the_outbound_port_is_proxied(run, upstream):
+    """A method detection does not list (PURGE) is still HTTP: proxied with hop-by-hop
+    headers stripped, not closed silently as undeliverable opaque TCP."""
+    px = _proxy(run, upstream)
+    got, _, _ = exchange(px.outbound, b"PURGE /cache HTTP/1.1\r\nHost: api\r\nConnection: X-Internal\r\n"
+                                      b"X-Internal: 1\r\n\r\n")
+    assert [r.status for r in got] == [200], got
+    upstream.settle()
+    reqs, _ = upstream.snapshot()
+    assert [(q.method, q.target) for q in reqs] == [("PURGE", "/cache")], reqs
+    assert b"x-internal" not in upstream.all_raw().lower(), upstream.all_raw()
