@@ -18,6 +18,7 @@ mod qos;
 mod ratelimit;
 mod resources;
 mod security;
+mod spiffe;
 mod validate;
 
 pub use error::{ConfigError, ConfigErrors};
@@ -29,4 +30,5 @@ pub use qos::*;
 pub use ratelimit::*;
 pub use resources::*;
 pub use security::*;
+pub use spiffe::SpiffeId;
 pub use validate::{validate, validate_name};
