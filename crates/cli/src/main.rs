@@ -506,7 +506,7 @@ fn serving_certificate(
 }
 
 fn validate(file: &std::path::Path) -> Result<(), String> {
-    let items = smesh_proxy::reload::load(file)?;
+    let items = smesh_proxy::config::reload::load(file)?;
     println!("ok: {} resources in {}", items.len(), file.display());
     Ok(())
 }

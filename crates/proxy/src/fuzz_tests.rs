@@ -4,9 +4,9 @@
 //! parameters, cookies) and the compiled form of what validation accepts. Case counts keep
 //! the whole set to a few seconds.
 
-use crate::detect::{classify, complete_tls_record, detect, Detected, PrefixedIo};
-use crate::headers::{authority, grpc_timeout, is_grpc, is_upgrade, is_websocket, port_of, strip_hop_by_hop};
-use crate::route::{anchored, RouteMatch};
+use crate::http::headers::{authority, grpc_timeout, is_grpc, is_upgrade, is_websocket, port_of, strip_hop_by_hop};
+use crate::listen::detect::{classify, complete_tls_record, detect, Detected, PrefixedIo};
+use crate::route::rule::{anchored, RouteMatch};
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Version};
@@ -493,7 +493,7 @@ proptest! {
     #[test]
     fn fuzz_grpc_timeout_encoding(secs in 0..400_000_000_000u64, nanos in 0..1_000_000_000u32) {
         let d = Duration::new(secs, nanos);
-        let value = crate::deadline::encode_grpc_timeout(d);
+        let value = crate::resilience::deadline::encode_grpc_timeout(d);
         prop_assert!(value.len() <= 9, "{:?}", value);
         let back = grpc_timeout(&timeout_header(value.as_bytes()).expect("ASCII")).expect("parses back");
         let cap = Duration::from_secs(99_999_999 * 3600);
@@ -724,7 +724,7 @@ proptest! {
     /// `retries` reads any `grpc-status` header value and any status without panicking.
     #[test]
     fn fuzz_retry_policy(status in any::<u16>(), value in prop::collection::vec(any::<u8>(), 0..6), codes in prop::collection::vec(any::<prop::sample::Index>(), 0..4)) {
-        let policy = crate::route::RetryPolicy::from(&smesh_model::GrpcRetry {
+        let policy = crate::route::rule::RetryPolicy::from(&smesh_model::GrpcRetry {
             codes: codes.iter().map(|c| smesh_model::GrpcCode::ALL[c.index(16)]).collect(),
             ..Default::default()
         });
@@ -734,7 +734,7 @@ proptest! {
         }
         let _ = policy.retries(status, Some(&h));
         let _ = policy.retries(status, None);
-        let _ = crate::shed::request_priority(Some(&h), None);
+        let _ = crate::resilience::shed::request_priority(Some(&h), None);
     }
 }
 

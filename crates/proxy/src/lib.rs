@@ -1,57 +1,57 @@
 //! smesh data plane.
 //!
-//! The request path, in order (each a module of its own):
-//! [`server`] accepts on a worker, [`detect`] picks the protocol, [`http`] routes with the
-//! [`snapshot`]'s [`route`] table, [`balance`] picks an endpoint, [`pool`] sends on a
-//! worker-owned upstream connection; [`tcp`] handles opaque streams. [`metrics`] and
-//! [`access_log`] observe it; [`reload`] and [`admin`] run on the main thread.
+//! The request path, in order: [`listen::server`] accepts on a worker, [`listen::detect`]
+//! picks the protocol, [`listen::http`] routes with the [`config::snapshot`]'s
+//! [`route::rule`] table, [`balance`] picks an endpoint, [`http::pool`] sends on a
+//! worker-owned upstream connection; [`tcp`] handles opaque streams. [`telemetry`] observes
+//! it; [`config::reload`], [`config::control`] and [`app::admin`] run on the main thread.
+//!
+//! One folder per concern, layered so that no two folders import each other
+//! (`scripts/check-imports crates/proxy/src folders`, run by `scripts/test`), highest first:
+//!
+//! - `lib.rs`: process wiring ([`run`]): threads, runtimes, sockets, the snapshot source.
+//! - [`app`]: what the process runs beside its listeners: the admin server, the active
+//!   health checker.
+//! - [`listen`]: accept, connection handling, protocol detection, the HTTP handler
+//!   (`forward`, the tries).
+//! - [`config`]: the snapshot (lookups and builder), inbound authorization, the file and
+//!   control-plane sources.
+//! - [`route`]: rules, filters, faults, mirrors.
+//! - [`resilience`]: retry policy, circuit breaking, retry budget, shedding, rate limits,
+//!   deadlines.
+//! - [`tcp`]: opaque forwarding and its connector.
+//! - [`identity`]: mesh TLS, the identity agent, the control-plane transport.
+//! - [`balance`]: balancer, endpoint state (incl. health and outlier state), outlier detection.
+//! - [`http`]: building blocks without policy: the one body type, headers, error responses,
+//!   replay, the upstream connection pools and the HTTP/2 client, upstream request building.
+//! - [`telemetry`]: metrics and the access log.
+//! - [`shutdown`]: the stop signal every background loop watches.
 
-pub mod access_log;
-pub mod admin;
-pub mod authz;
+pub mod app;
 pub mod balance;
-pub mod body;
-pub mod budget;
-pub mod circuit;
-pub mod control;
-pub mod control_tls;
-pub mod deadline;
-pub mod detect;
-pub mod errors;
-pub mod fault;
-pub mod filters;
+pub mod config;
 #[cfg(test)]
 mod fuzz_tests;
-pub mod h2_upstream;
-pub mod head_timeout;
-pub mod headers;
-pub mod health;
 pub mod http;
 pub mod identity;
-pub mod metrics;
-pub mod mirror;
-pub mod outlier;
-pub mod policy;
-pub mod pool;
-pub mod ratelimit;
-pub mod recycle;
-pub mod reload;
-pub mod replay;
-pub mod resets;
+pub mod listen;
+pub mod resilience;
 pub mod route;
-mod saved_head;
-pub mod server;
-pub mod shed;
-pub mod snapshot;
+pub mod shutdown;
 pub mod tcp;
-pub mod tee;
-#[cfg(test)]
-mod test_bodies;
+pub mod telemetry;
+
+use app::{admin, health};
+use config::{control, reload, snapshot};
+use http::pool;
+use identity::control_tls;
+use listen::server;
+use telemetry::{access_log, metrics};
 
 use crate::balance::{Balancer, Endpoint};
-use crate::http::Target;
-use crate::route::{Rule, WeightedBackend};
-use crate::server::{ListenerSpec, Shared};
+use crate::listen::http::Target;
+use crate::listen::server::{ListenerSpec, Shared};
+use crate::route::rule::{Rule, WeightedBackend};
 use arc_swap::ArcSwap;
 use smesh_model::LoadBalancer;
 use std::net::SocketAddr;
@@ -216,7 +216,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         access_log,
         connections: AtomicUsize::new(0),
         tls: tls.clone(),
-        resets: Arc::new(crate::resets::ResetLimiter::new(options.limits.max_client_resets)),
+        resets: Arc::new(crate::http::resets::ResetLimiter::new(options.limits.max_client_resets)),
     });
     let specs: Vec<(SocketAddr, Arc<ListenerSpec>)> = specs.into_iter().map(|(a, s)| (a, Arc::new(s))).collect();
     let (stop_tx, stop_rx) = watch::channel(false);

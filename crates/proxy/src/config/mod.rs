@@ -1,0 +1,7 @@
+//! Configuration: the snapshot (lookups and builder), inbound authorization, and the two
+//! sources that install snapshots (a watched file, the control plane).
+
+pub mod authz;
+pub mod control;
+pub mod reload;
+pub mod snapshot;

@@ -1,0 +1,113 @@
+//! Responses the proxy makes itself. Each names its reason in `smesh-proxy-error`; gRPC
+//! clients get the matching `grpc-status` in a trailers-only response.
+
+use crate::http::body::Body;
+use http::{HeaderValue, Response, StatusCode};
+
+pub const PROXY_ERROR_HEADER: &str = "smesh-proxy-error";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyError {
+    UnknownAuthority,
+    NoRoute,
+    NoEndpoints,
+    ConnectFailed,
+    UpstreamFailed,
+    Timeout,
+    BadRequest,
+    BodyTooLarge,
+    /// An AuthorizationPolicy (or the default policy) denied the request.
+    Forbidden,
+    /// A BackendPolicy circuit breaker limit was reached.
+    CircuitOpen,
+    /// A RateLimit filter's bucket was empty (429 with `retry-after`).
+    RateLimited,
+    /// The upstream's adaptive concurrency limit had no room for the request's priority.
+    LoadShed,
+}
+
+impl ProxyError {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProxyError::UnknownAuthority | ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::NoEndpoints | ProxyError::CircuitOpen | ProxyError::LoadShed => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ConnectFailed | ProxyError::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    /// Short machine-readable reason, used in the header and as a metric label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ProxyError::UnknownAuthority => "unknown authority",
+            ProxyError::NoRoute => "no route",
+            ProxyError::NoEndpoints => "no endpoints",
+            ProxyError::ConnectFailed => "connect failed",
+            ProxyError::UpstreamFailed => "upstream failed",
+            ProxyError::Timeout => "timeout",
+            ProxyError::BadRequest => "bad request",
+            ProxyError::BodyTooLarge => "request body too large",
+            ProxyError::Forbidden => "forbidden",
+            ProxyError::CircuitOpen => "circuit open",
+            ProxyError::RateLimited => "rate limited",
+            ProxyError::LoadShed => "load shed",
+        }
+    }
+
+    fn grpc_status(self) -> &'static str {
+        match self {
+            ProxyError::Timeout => "4",                                // DEADLINE_EXCEEDED
+            ProxyError::BadRequest => "13",                            // INTERNAL
+            ProxyError::BodyTooLarge | ProxyError::RateLimited => "8", // RESOURCE_EXHAUSTED
+            ProxyError::Forbidden => "7",                              // PERMISSION_DENIED
+            _ => "14",                                                 // UNAVAILABLE
+        }
+    }
+
+    pub fn response(self, detail: &str, grpc: bool) -> Response<Body> {
+        let reason = HeaderValue::from_static(self.reason());
+        let message = if detail.is_empty() {
+            self.reason().to_string()
+        } else {
+            format!("{}: {detail}", self.reason())
+        };
+        let mut resp = if grpc {
+            let mut r = Response::new(Body::Empty);
+            let h = r.headers_mut();
+            h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            h.insert("grpc-status", HeaderValue::from_static(self.grpc_status()));
+            if let Ok(v) = HeaderValue::from_str(&message) {
+                h.insert("grpc-message", v);
+            }
+            r
+        } else {
+            let mut r = Response::new(Body::full(format!("{message}\n")));
+            *r.status_mut() = self.status();
+            r.headers_mut()
+                .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            r
+        };
+        resp.headers_mut().insert(PROXY_ERROR_HEADER, reason);
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_shed_is_a_503_or_unavailable() {
+        let r = ProxyError::LoadShed.response("sheddable", false);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[PROXY_ERROR_HEADER], "load shed");
+        let g = ProxyError::LoadShed.response("sheddable", true);
+        assert_eq!(g.status(), StatusCode::OK);
+        assert_eq!(g.headers()["grpc-status"], "14");
+        assert_eq!(g.headers()["grpc-message"], "load shed: sheddable");
+    }
+}

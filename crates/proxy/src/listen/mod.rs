@@ -1,0 +1,5 @@
+//! Listeners: accept, per-connection handling (mesh TLS or plaintext, detection), the HTTP handler.
+
+pub mod detect;
+pub mod http;
+pub mod server;

@@ -1,0 +1,4 @@
+//! Telemetry: Prometheus metrics and the access log.
+
+pub mod access_log;
+pub mod metrics;
