@@ -6,8 +6,8 @@
 
 use crate::api::kv::{check_key, KvQuery, INDEX_HEADER};
 use crate::api::resources::parse_apply_body;
+use crate::api::tokens::{token_expiry, TokenRequest};
 use crate::api::{routes, ApiError, ApiState};
-use crate::identity::{token_expiry, TokenRequest};
 use crate::store::KeyValue;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Query};

@@ -5,6 +5,7 @@ pub mod ca;
 pub mod check;
 pub mod kv;
 pub mod resources;
+pub mod tokens;
 
 use crate::store::{Store, StoreError};
 use axum::http::{HeaderMap, StatusCode};
@@ -33,7 +34,7 @@ pub fn routes(state: Shared) -> Router {
         )
         .route("/api/v1/endpoints/{service}", get(resources::endpoints))
         .route("/api/v1/proxies", get(resources::proxies))
-        .route("/api/v1/tokens", axum::routing::post(crate::identity::create_token))
+        .route("/api/v1/tokens", axum::routing::post(tokens::create_token))
         .route("/api/v1/certificates", get(resources::certificates))
         .route("/api/v1/check", get(check::check))
         .route("/api/v1/ca", get(ca::show))
