@@ -4,9 +4,10 @@
 //! `?index=`, `?recurse`, `?raw`), the latter through the real router on an embedded store,
 //! checked against a model of the KV contents. Case counts keep the set to a few seconds.
 
-use crate::api::{parse_apply_body, routes, ApiError, ApiState};
-use crate::identity::{token_expiry, TokenRequest};
-use crate::kv::{check_key, KvQuery, INDEX_HEADER};
+use crate::api::kv::{check_key, KvQuery, INDEX_HEADER};
+use crate::api::resources::parse_apply_body;
+use crate::api::tokens::{token_expiry, TokenRequest};
+use crate::api::{routes, ApiError, ApiState};
 use crate::store::KeyValue;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Query};

@@ -1,17 +1,14 @@
-//! The Identity gRPC service (certificates for proxies) and join tokens.
+//! The Identity gRPC service (certificates for proxies) and join tokens: how they are stored
+//! and spent (the admin API issues them, `POST /api/v1/tokens`).
 //!
 //! A join token is bound to one service, expires, and works once; only its SHA-256 is
 //! stored. Renewals need no token: the proxy proves it holds a valid certificate of ours
 //! for the same service and key.
 
-use crate::api::{require_token, ApiError, Shared};
 use crate::ca::{Ca, CaHandle};
 use crate::compose::stored_resources;
 use crate::keys;
 use crate::store::{Compare, Op, Store};
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::Json;
 use serde::{Deserialize, Serialize};
 use smesh_api::v1::identity_server::Identity;
 use smesh_api::v1::{certify_request, CertifyRequest, CertifyResponse};
@@ -20,13 +17,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::{Request, Response, Status};
 
-const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
-
 #[derive(Serialize, Deserialize)]
-struct StoredToken {
-    service: String,
-    expires_unix: u64,
-    used: bool,
+pub(crate) struct StoredToken {
+    pub(crate) service: String,
+    pub(crate) expires_unix: u64,
+    pub(crate) used: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -43,11 +38,11 @@ pub struct IssuedCertificate {
     pub root_sha256: Option<String>,
 }
 
-fn unix(t: SystemTime) -> u64 {
+pub(crate) fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn token_key(token: &str) -> String {
+pub(crate) fn token_key(token: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, token.trim().as_bytes());
     let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     format!("{}{hex}", keys::TOKENS)
@@ -183,46 +178,4 @@ impl Identity for IdentityService {
             not_after_unix: unix(not_after),
         }))
     }
-}
-
-#[derive(Deserialize)]
-pub struct TokenRequest {
-    service: String,
-    /// e.g. "1h"; default one hour.
-    ttl: Option<String>,
-}
-
-/// Checks a token request; the token's expiry (Unix seconds) when issued at `now`.
-pub(crate) fn token_expiry(req: &TokenRequest, now: SystemTime) -> Result<u64, ApiError> {
-    smesh_model::validate_name(&req.service).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("service: {e}")))?;
-    let ttl = match req.ttl.as_deref() {
-        Some(t) => humantime::parse_duration(t).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("ttl: {e}")))?,
-        None => DEFAULT_TOKEN_TTL,
-    };
-    // humantime reads up to 2^64 s (`300000000000y`), past what SystemTime can hold.
-    now.checked_add(ttl)
-        .map(unix)
-        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, format!("ttl: {ttl:?} is too long")))
-}
-
-/// `POST /api/v1/tokens`: a new single-use join token for a service.
-pub async fn create_token(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    Json(req): Json<TokenRequest>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    require_token(&state, &headers)?;
-    let expires_unix = token_expiry(&req, SystemTime::now())?;
-    let token: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
-    let stored = StoredToken {
-        service: req.service.clone(),
-        expires_unix,
-        used: false,
-    };
-    let value = serde_json::to_vec(&stored).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    crate::store::put(state.store.as_ref(), &token_key(&token), value, 0).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(serde_json::json!({"token": token, "service": req.service, "expires_unix": expires_unix})),
-    ))
 }

@@ -2,11 +2,10 @@
 //! endpoint push, registration) and HTTP for people and tools (admin API, KV).
 //!
 //! Modules: [`store`] (state), [`feed`] + [`compose`] (what proxies get), [`discovery`]
-//! (the proxy streams), [`api`] and [`kv`] (HTTP), [`keys`] (the store layout).
+//! (the proxy streams), [`api`] (HTTP: admin API and KV), [`keys`] (the store layout).
 
 pub mod api;
 pub mod ca;
-pub mod check;
 pub mod compose;
 pub mod discovery;
 pub mod feed;
@@ -14,10 +13,8 @@ pub mod feed;
 mod fuzz_tests;
 pub mod identity;
 pub mod keys;
-pub mod kv;
 pub mod listener;
 pub mod registry;
-pub mod rotation;
 pub mod store;
 pub mod tls;
 

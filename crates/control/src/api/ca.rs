@@ -6,7 +6,7 @@
 //! the old roots, refusing while certificates they signed are still valid (unless forced).
 //! `GET /api/v1/ca` shows the roots.
 
-use crate::api::{require_read, require_token, ApiError, Shared};
+use super::{require_read, require_token, ApiError, Shared};
 use crate::ca::Ca;
 use crate::identity::IssuedCertificate;
 use crate::keys;

@@ -1,92 +1,19 @@
-//! The HTTP admin API: apply / get / delete resources, endpoints, proxies. Writes need the
-//! admin token; reads are open to loopback clients.
+//! The resource API: apply / get / delete resources, endpoints, proxies, certificates.
 
+use super::{require_read, require_token, ApiError, Shared};
 use crate::compose::{registrations, stored_resources};
 use crate::keys;
 use crate::registry::ProxyStatus;
-use crate::store::{Compare, Op, Store, StoreError};
+use crate::store::{Compare, Op, Store};
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::response::IntoResponse;
+use axum::Json;
 use serde::Deserialize;
 use smesh_model::{ConfigError, Resource, Sourced};
 use std::net::SocketAddr;
 use std::sync::Arc;
-
-pub struct ApiState {
-    pub store: Arc<dyn Store>,
-    pub token: String,
-    /// The CA in use (its roots, for `smesh check` and rotation).
-    pub ca: crate::ca::CaHandle,
-}
-
-pub type Shared = Arc<ApiState>;
-
-pub fn routes(state: Shared) -> Router {
-    Router::new()
-        .route("/api/v1/apply", axum::routing::post(apply))
-        .route("/api/v1/resources/{kind}", get(list_kind))
-        .route("/api/v1/resources/{kind}/{name}", get(get_one).delete(delete_one))
-        .route("/api/v1/endpoints/{service}", get(endpoints))
-        .route("/api/v1/proxies", get(proxies))
-        .route("/api/v1/tokens", axum::routing::post(crate::identity::create_token))
-        .route("/api/v1/certificates", get(certificates))
-        .route("/api/v1/check", get(crate::check::check))
-        .route("/api/v1/ca", get(crate::rotation::show))
-        .route("/api/v1/ca/rotate", axum::routing::post(crate::rotation::rotate))
-        .route("/api/v1/ca/retire", axum::routing::post(crate::rotation::retire))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .merge(crate::kv::routes())
-        .with_state(state)
-}
-
-/// An error as the API returns it: a status and a plain-text body a person can act on.
-pub struct ApiError(pub StatusCode, pub String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, format!("{}\n", self.1.trim_end())).into_response()
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("store unavailable: {e}"))
-    }
-}
-
-/// Writes need `Authorization: Bearer <token>`.
-pub fn require_token(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let given = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        Some(t) if constant_time_eq(t.as_bytes(), state.token.as_bytes()) => Ok(()),
-        Some(_) => Err(ApiError(StatusCode::UNAUTHORIZED, "invalid admin token".into())),
-        None => Err(ApiError(
-            StatusCode::UNAUTHORIZED,
-            "writes need the admin token: Authorization: Bearer <token> (smesh --token-file / SMESH_TOKEN)".into(),
-        )),
-    }
-}
-
-/// Reads are open on loopback; from elsewhere they need the token too.
-pub fn require_read(state: &ApiState, peer: SocketAddr, headers: &HeaderMap) -> Result<(), ApiError> {
-    if peer.ip().is_loopback() {
-        Ok(())
-    } else {
-        require_token(state, headers)
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
 
 #[derive(Deserialize)]
 struct ApplyFiles {
@@ -100,7 +27,7 @@ struct ApplyFile {
 }
 
 #[derive(Deserialize)]
-struct ApplyQuery {
+pub(super) struct ApplyQuery {
     /// The file name to use in error messages.
     file: Option<String>,
 }
@@ -160,7 +87,7 @@ pub(crate) fn parse_apply_body(is_json: bool, file: Option<String>, body: &[u8])
 
 /// All or nothing: the new resources are validated together with everything stored (so
 /// references resolve), then written in one transaction guarded by the revisions read.
-async fn apply(
+pub(super) async fn apply(
     State(state): State<Shared>,
     Query(q): Query<ApplyQuery>,
     headers: HeaderMap,
@@ -228,7 +155,7 @@ fn kind_or_404(kind: &str) -> Result<&'static str, ApiError> {
     })
 }
 
-async fn list_kind(
+pub(super) async fn list_kind(
     State(state): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -242,7 +169,7 @@ async fn list_kind(
     ))
 }
 
-async fn get_one(
+pub(super) async fn get_one(
     State(state): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -260,7 +187,7 @@ async fn get_one(
 
 /// Deleting a resource that others refer to would leave proxies a configuration they must
 /// reject, so it is refused with the references named.
-async fn delete_one(
+pub(super) async fn delete_one(
     State(state): State<Shared>,
     headers: HeaderMap,
     Path((kind, name)): Path<(String, String)>,
@@ -298,7 +225,7 @@ async fn delete_one(
     ))
 }
 
-async fn endpoints(
+pub(super) async fn endpoints(
     State(state): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -333,7 +260,7 @@ async fn endpoints(
     ))
 }
 
-async fn certificates(
+pub(super) async fn certificates(
     State(state): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -347,7 +274,7 @@ async fn certificates(
     Ok(Json(serde_json::json!({"revision": revision, "items": items})))
 }
 
-async fn proxies(
+pub(super) async fn proxies(
     State(state): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,

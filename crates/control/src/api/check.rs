@@ -2,7 +2,7 @@
 //! root's remaining life, certificates that should have been renewed by now, and proxies that
 //! front a service without an identity.
 
-use crate::api::{require_read, ApiError, Shared};
+use super::{require_read, ApiError, Shared};
 use crate::identity::IssuedCertificate;
 use crate::keys;
 use crate::registry::ProxyStatus;

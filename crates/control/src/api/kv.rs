@@ -2,7 +2,7 @@
 //! check-and-set and blocking reads, plus a streaming watch at `/v1/watch/kv/<prefix>`.
 //! Values are opaque bytes, at most [`MAX_VALUE_BYTES`].
 
-use crate::api::{require_read, require_token, ApiError, Shared};
+use super::{require_read, require_token, ApiError, Shared};
 use crate::keys;
 use crate::store::{Compare, Event, KeyValue, Op, StoreError};
 use axum::body::{Body, Bytes};
