@@ -10,6 +10,7 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use serde::{Deserialize, Serialize};
+use smesh_model::SpiffeId;
 use std::time::{Duration, SystemTime};
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
@@ -44,12 +45,9 @@ pub struct Ca {
     pub from_files: bool,
 }
 
+/// The SPIFFE ID of `service` (empty for a name no identity can have: empty, or with `/`).
 pub fn spiffe_id(trust_domain: &str, service: &str) -> String {
-    format!("spiffe://{trust_domain}/service/{service}")
-}
-
-pub fn dns_name(trust_domain: &str, service: &str) -> String {
-    format!("{service}.service.{trust_domain}")
+    SpiffeId::new(trust_domain, service).map_or_else(String::new, |id| id.to_string())
 }
 
 impl Ca {
@@ -172,18 +170,12 @@ impl Ca {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| format!("invalid CSR: {e}"))?;
         let now = SystemTime::now();
         let not_after = now + ttl;
+        let id = SpiffeId::new(&self.trust_domain, service)
+            .ok_or_else(|| format!("no identity can be made for service {service:?}"))?;
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![
-            SanType::URI(
-                spiffe_id(&self.trust_domain, service)
-                    .try_into()
-                    .map_err(|e| format!("{e}"))?,
-            ),
-            SanType::DnsName(
-                dns_name(&self.trust_domain, service)
-                    .try_into()
-                    .map_err(|e| format!("{e}"))?,
-            ),
+            SanType::URI(id.to_string().try_into().map_err(|e| format!("{e}"))?),
+            SanType::DnsName(id.tls_name().try_into().map_err(|e| format!("{e}"))?),
         ];
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, service);

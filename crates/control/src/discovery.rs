@@ -35,8 +35,8 @@ fn authenticate(trust_domain: &str, peer: Option<&PeerCertificate>, hello: &mut 
              (a join token from `smesh token create`) and --service",
         ));
     };
-    let prefix = format!("spiffe://{trust_domain}/service/");
-    let Some(service) = peer.spiffe_id.strip_prefix(&prefix) else {
+    let id = smesh_model::SpiffeId::parse(&peer.spiffe_id).filter(|id| id.trust_domain() == trust_domain);
+    let Some(service) = id.as_ref().map(|id| id.service()) else {
         return Err(Status::permission_denied(format!(
             "certificate {} is not a proxy identity of trust domain {trust_domain}",
             peer.spiffe_id

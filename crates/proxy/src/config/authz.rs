@@ -114,10 +114,7 @@ fn source_matches(source: &smesh_model::PeerSource, peer: Option<&str>) -> bool 
     let Some(peer) = peer else { return false };
     match (&source.service, &source.identity) {
         (_, Some(id)) => id == peer,
-        (Some(service), None) => peer
-            .strip_prefix("spiffe://")
-            .and_then(|rest| rest.split_once('/'))
-            .is_some_and(|(_, path)| path.strip_prefix("service/") == Some(service.as_str())),
+        (Some(service), None) => smesh_model::SpiffeId::parse(peer).is_some_and(|id| id.service() == service),
         (None, None) => false,
     }
 }

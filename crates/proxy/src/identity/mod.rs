@@ -50,10 +50,7 @@ pub type TlsHandle = Arc<ArcSwapOption<MeshTls>>;
 
 /// The TLS server name a peer with this SPIFFE ID presents (the CA puts it in a DNS SAN).
 pub fn server_name(spiffe_id: &str) -> Option<ServerName<'static>> {
-    let rest = spiffe_id.strip_prefix("spiffe://")?;
-    let (trust_domain, path) = rest.split_once('/')?;
-    let service = path.strip_prefix("service/")?;
-    ServerName::try_from(format!("{service}.service.{trust_domain}")).ok()
+    ServerName::try_from(smesh_model::SpiffeId::parse(spiffe_id)?.tls_name()).ok()
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
