@@ -252,6 +252,7 @@ impl GrpcRouteRule {
             retry: None,
             filters: self.filters.clone(),
             priority: self.priority,
+            upgrades: Vec::new(),
         }
     }
 }

@@ -173,6 +173,12 @@ pub struct HttpRouteRule {
     /// Unset: the header decides, default `normal`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<crate::Priority>,
+    /// `Upgrade` protocols (by token, e.g. `spdy/3.1`) this rule's requests may switch to
+    /// besides WebSocket, which always may: the connection then becomes a tunnel the proxy
+    /// no longer reads. Any other upgrade is stripped and the request served as HTTP/1.1.
+    /// `h2c` is refused (a tunnel of HTTP/2 requests would skip every route and policy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upgrades: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

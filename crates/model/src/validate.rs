@@ -202,6 +202,22 @@ impl Checker<'_> {
             }
             self.backends(&at, &rule.backend_refs, services);
             self.timeouts(&at, rule.timeouts.as_ref());
+            for (u, upgrade) in rule.upgrades.iter().enumerate() {
+                let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b);
+                if upgrade.is_empty() || !upgrade.bytes().all(token) {
+                    self.fail(
+                        &format!("{at}.upgrades[{u}]"),
+                        format!("{upgrade:?} is not an Upgrade protocol token (e.g. spdy/3.1)"),
+                    );
+                } else if upgrade.eq_ignore_ascii_case("h2c") {
+                    self.fail(
+                        &format!("{at}.upgrades[{u}]"),
+                        "h2c cannot be tunnelled: its HTTP/2 requests would skip routes and policies \
+                         (clients reach HTTP/2 upstreams through the proxy directly)"
+                            .to_string(),
+                    );
+                }
+            }
             if let Some(retry) = &rule.retry {
                 self.retry(&at, retry.attempts, retry.per_try_timeout);
                 for (c, code) in retry.codes.iter().enumerate() {
@@ -476,6 +492,14 @@ mod tests {
         assert!(e.contains("only one MeshConfig"), "{e}");
         let e = errors(&mesh.replace("strict", "strikt"));
         assert!(e.contains("spec.mtls") && e.contains("unknown variant"), "{e}");
+    }
+
+    #[test]
+    fn upgrades_are_tokens_and_never_h2c() {
+        let e = errors(&format!("{SERVICE}---\napiVersion: smesh.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{name: api}}]\n  rules: [{{upgrades: [spdy/3.1, H2C, 'a b']}}]\n"));
+        assert!(e.contains("spec.rules[0].upgrades[1]: h2c cannot be tunnelled"), "{e}");
+        assert!(e.contains("spec.rules[0].upgrades[2]"), "{e}");
+        assert!(!e.contains("upgrades[0]"), "{e}");
     }
 
     #[test]

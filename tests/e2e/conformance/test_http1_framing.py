@@ -945,3 +945,58 @@ def test_extension_method_on_the_outbound_port_is_proxied(run, upstream):
     reqs, _ = upstream.snapshot()
     assert [(q.method, q.target) for q in reqs] == [("PURGE", "/cache")], reqs
     assert b"x-internal" not in upstream.all_raw().lower(), upstream.all_raw()
+
+
+def _route_allowing(up, upgrades):
+    return [service("api", [up.address]),
+            {"apiVersion": "smesh.io/v1", "kind": "HTTPRoute", "metadata": {"name": "api-upgrades"},
+             "spec": {"parentRefs": [{"name": "api"}], "rules": [{"upgrades": upgrades}]}}]
+
+
+@pytest.mark.timeout(60)
+def test_other_upgrades_tunnel_only_when_the_route_lists_them(run):
+    """Issue 13 item 1: besides WebSocket, an upgrade protocol is tunnelled only by explicit
+    opt-in on the route (`upgrades`); without it the Upgrade is stripped and the request is
+    plain HTTP/1.1."""
+    head = (b"GET /custom HTTP/1.1\r\nHost: api\r\nUpgrade: x-custom/1\r\nConnection: Upgrade\r\n\r\n")
+    up = RecordingUpstream(upgrade_101=True)
+    try:
+        px = run.proxy(_route_allowing(up, ["x-custom/1"]))
+        c = RawClient(px.outbound)
+        try:
+            c.send(head)
+            r = c.read_response()
+            assert r is not None and r.status == 101, r
+            c.send(b"custom-protocol-bytes")
+            wait_until(lambda: up.all_raw().endswith(b"custom-protocol-bytes"), 5, what="tunnelled bytes")
+        finally:
+            c.close()
+        reqs, _ = up.snapshot()
+        assert len(reqs) == 1 and reqs[0].values("upgrade") == ["x-custom/1"], reqs
+    finally:
+        up.close()
+    # the same request without the opt-in: no Upgrade reaches the upstream, a plain 200
+    up = RecordingUpstream(upgrade_101=True)
+    try:
+        px = run.proxy(_route_allowing(up, ["other/2"]), name="smesh-no-opt-in")
+        got, _, _ = exchange(px.outbound, head)
+        assert [r.status for r in got] == [200], got
+        up.settle()
+        reqs, _ = up.snapshot()
+        assert len(reqs) == 1 and reqs[0].values("upgrade") == [], reqs
+    finally:
+        up.close()
+
+
+@pytest.mark.timeout(30)
+def test_h2c_in_route_upgrades_is_rejected(run, tmp_path):
+    f = tmp_path / "h2c.yaml"
+    import yaml
+    f.write_text(yaml.safe_dump_all(_route_allowing(RecordingUpstreamAddress(), ["h2c"]), sort_keys=False))
+    r = run.smesh("validate", "-f", f)
+    assert r.returncode != 0, r
+    assert "spec.rules[0].upgrades[0]" in r.stderr and "h2c cannot be tunnelled" in r.stderr, r.stderr
+
+
+class RecordingUpstreamAddress:
+    address = "127.0.0.1:9"

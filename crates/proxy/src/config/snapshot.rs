@@ -420,6 +420,7 @@ impl RuleContext<'_> {
             route_metrics.clone(),
         );
         compiled.priority = rule.priority;
+        compiled.upgrades = rule.upgrades.iter().map(|u| Box::from(u.as_str())).collect();
         compiled.filters = crate::route::filters::Filters::compile(
             rule,
             &crate::route::filters::Context {

@@ -1,6 +1,6 @@
 //! Header handling between client and upstream: hop-by-hop removal, authority, gRPC bits.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Version};
 use std::time::Duration;
 
@@ -114,34 +114,56 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-/// An HTTP/1.1 `Upgrade` request to a protocol the proxy tunnels: WebSocket only.
+/// The `Upgrade` value of an HTTP/1.1 upgrade request the proxy tunnels: WebSocket always;
+/// another protocol when the route lists it (`allowed`), or when a verified mesh peer sends it
+/// (the peer's own route allowed it); never `h2c`. One `Upgrade` line, naming the protocol
+/// first, with `upgrade` in `Connection`.
 ///
 /// Any other upgrade is served as the plain HTTP/1.1 request it also is, its `Upgrade`
 /// header stripped (as Envoy does). An `Upgrade: h2c` relayed to an upstream that agreed
 /// would turn the client's connection into a raw tunnel, and every request sent inside it
 /// would skip routes, filters, rate limits and authorization.
-pub fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req
-            .headers()
-            .get_all(header::UPGRADE)
-            .iter()
-            .any(|v| is_websocket(v.as_bytes()))
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+pub fn tunnelled_upgrade<'a, B>(
+    req: &'a Request<B>,
+    allowed: &[Box<str>],
+    from_mesh_peer: bool,
+) -> Option<&'a HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let mut values = req.headers().get_all(header::UPGRADE).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let protocol = first_protocol(value.as_bytes());
+    let tunnelled = !protocol.eq_ignore_ascii_case(b"h2c")
+        && (protocol.eq_ignore_ascii_case(b"websocket")
+            || from_mesh_peer
+            || allowed.iter().any(|a| protocol.eq_ignore_ascii_case(a.as_bytes())));
+    let connection_upgrade = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
+    (tunnelled && connection_upgrade).then_some(value)
 }
 
-/// Whether an `Upgrade` value names WebSocket (a comma-separated list is accepted; the
-/// first protocol the client offers must be it, as RFC 6455 clients send it alone).
+/// A WebSocket upgrade request, with no other protocol allowed.
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    tunnelled_upgrade(req, &[], false).is_some()
+}
+
+/// The first protocol an `Upgrade` value names (a comma-separated list is accepted; RFC 6455
+/// clients send WebSocket alone).
+pub fn first_protocol(upgrade: &[u8]) -> &[u8] {
+    upgrade.split(|&b| b == b',').next().unwrap_or_default().trim_ascii()
+}
+
+/// Whether an `Upgrade` value names WebSocket first.
 pub fn is_websocket(upgrade: &[u8]) -> bool {
-    upgrade
-        .split(|&b| b == b',')
-        .next()
-        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+    first_protocol(upgrade).eq_ignore_ascii_case(b"websocket")
 }
 
 /// Parses `grpc-timeout` (e.g. `100m`, `5S`): a positive integer of at most 8 digits and a unit.
@@ -195,6 +217,20 @@ mod tests {
         assert!(!is_upgrade(&req("h2c")));
         assert!(!is_upgrade(&req("h2c, websocket")));
         assert!(!is_upgrade(&req("TLS/1.2")));
+        let allowed: Vec<Box<str>> = vec!["spdy/3.1".into(), "h2c".into()];
+        assert!(tunnelled_upgrade(&req("SPDY/3.1"), &allowed, false).is_some());
+        assert!(
+            tunnelled_upgrade(&req("TLS/1.2"), &allowed, true).is_some(),
+            "a mesh peer decided"
+        );
+        assert!(tunnelled_upgrade(&req("h2c"), &allowed, true).is_none(), "never h2c");
+        let two = Request::get("/")
+            .header("upgrade", "h2c")
+            .header("upgrade", "websocket")
+            .header("connection", "upgrade")
+            .body(())
+            .unwrap();
+        assert!(!is_upgrade(&two), "one Upgrade line only");
         let mut h = HeaderMap::new();
         h.insert("upgrade", "h2c".parse().unwrap());
         h.insert("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA".parse().unwrap());

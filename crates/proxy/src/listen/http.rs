@@ -6,7 +6,7 @@
 use crate::balance::{mark_failed, Balancer, InFlight};
 use crate::http::body::Body;
 use crate::http::errors::ProxyError;
-use crate::http::headers::{authority, grpc_timeout, is_grpc, is_upgrade, strip_hop_by_hop};
+use crate::http::headers::{authority, grpc_timeout, is_grpc, strip_hop_by_hop, tunnelled_upgrade};
 use crate::http::pool::{self, SendError};
 use crate::http::request::{build_request, upstream_version, ORIG_PROTO};
 use crate::http::tee::Tee;
@@ -172,12 +172,12 @@ impl HttpProxy {
             .into_iter()
             .flatten()
             .min();
-        let upgrade = is_upgrade(&req);
+        let upgrade_header = tunnelled_upgrade(&req, &rule.upgrades, self.peer.is_some()).cloned();
+        let upgrade = upgrade_header.is_some();
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let upgrade_header = req.headers().get(header::UPGRADE).cloned();
         let (mut parts, incoming) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        if let Some(value) = upgrade_header.filter(|_| upgrade) {
+        if let Some(value) = upgrade_header.clone() {
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -500,21 +500,27 @@ impl HttpProxy {
         if let Some(filters) = &rule.filters {
             filters.on_response(&mut resp);
         }
-        Ok(self.respond(resp, client_upgrade))
+        Ok(self.respond(resp, client_upgrade.zip(upgrade_header)))
     }
 
-    fn respond(&self, mut resp: Response<Body>, client_upgrade: Option<hyper::upgrade::OnUpgrade>) -> Response<Body> {
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !switched_to_websocket(&resp, client_upgrade.is_some()) {
+    /// `client_upgrade`: the client's side of a tunnelled upgrade, and the protocol it asked for.
+    fn respond(
+        &self,
+        mut resp: Response<Body>,
+        client_upgrade: Option<(hyper::upgrade::OnUpgrade, HeaderValue)>,
+    ) -> Response<Body> {
+        let asked = client_upgrade.as_ref().map(|(_, protocol)| protocol);
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !switched_as_asked(&resp, asked) {
             // A switch nobody asked for (an upgrade the proxy stripped, or another protocol
             // than the one offered) would make the connection a tunnel the proxy cannot read.
             return self.fail(
                 ProxyError::UpstreamFailed,
-                "101 Switching Protocols to an upgrade the proxy did not ask for",
+                "101 Switching Protocols to a protocol the proxy did not ask for",
                 false,
             );
         }
         match client_upgrade {
-            Some(client) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            Some((client, _)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 let upstream = hyper::upgrade::on(&mut resp);
                 let metrics = self.shared.metrics.tcp(self.direction, "upgrade");
                 tokio::spawn(async move {
@@ -550,13 +556,13 @@ impl HttpProxy {
     }
 }
 
-/// Whether a 101 answers a WebSocket upgrade the proxy forwarded.
-fn switched_to_websocket(resp: &Response<Body>, asked: bool) -> bool {
-    asked
-        && resp
-            .headers()
-            .get(header::UPGRADE)
-            .is_some_and(|v| crate::http::headers::is_websocket(v.as_bytes()))
+/// Whether a 101 switches to the protocol of the upgrade the proxy forwarded.
+fn switched_as_asked(resp: &Response<Body>, asked: Option<&HeaderValue>) -> bool {
+    use crate::http::headers::first_protocol;
+    let (Some(asked), Some(switched)) = (asked, resp.headers().get(header::UPGRADE)) else {
+        return false;
+    };
+    first_protocol(switched.as_bytes()).eq_ignore_ascii_case(first_protocol(asked.as_bytes()))
 }
 
 /// RFC 9112 3.2: a request has at most one `Host`, and an HTTP/1.1 one exactly one. A proxy

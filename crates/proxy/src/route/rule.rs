@@ -113,6 +113,8 @@ pub struct Rule {
     pub rate_limits: Option<Box<crate::resilience::ratelimit::RateLimits>>,
     /// The rule's `priority` (see `crate::resilience::shed::request_priority`).
     pub priority: Option<smesh_model::Priority>,
+    /// `Upgrade` protocols tunnelled besides WebSocket (the rule's `upgrades`).
+    pub upgrades: Box<[Box<str>]>,
 }
 
 impl Rule {
@@ -139,6 +141,7 @@ impl Rule {
             filters: None,
             rate_limits: None,
             priority: None,
+            upgrades: Box::default(),
         }
     }
 
