@@ -1,14 +1,16 @@
-//! Per-client limit on requests abandoned before their response (HTTP/2 stream resets, the
-//! "rapid reset" attack class, or HTTP/1 clients hanging up mid-request).
+//! Per-client limit on HTTP/2 requests abandoned before their response (stream resets, the
+//! "rapid reset" attack class).
 //!
 //! hyper bounds resets per connection; a client spreading a reset flood over many
 //! connections would still have each reset stream relayed to an upstream one for one. Here
 //! every client address has a token bucket (`--max-client-resets` per second, bursts of
 //! twice that); a client that empties it has its connections closed and new ones refused
-//! for [`BLOCK_FOR`]. The table is touched only when a request is abandoned and when a
-//! connection starts (then only while some client is blocked), never per request.
+//! for [`BLOCK_FOR`]. The table is locked when a request is abandoned, when an HTTP/2
+//! connection from a client that is not a mesh peer starts (to take the handle that closes it),
+//! and at every connection start while some client is blocked; never per request. Keys are
+//! client addresses, chosen by clients: the std (SipHash) map, not Fx.
 
-use rustc_hash::FxHashMap;
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -26,7 +28,7 @@ const MAX_TRACKED: usize = 4096;
 pub struct ResetLimiter {
     /// Resets per second a client may make (0: no limit).
     per_second: u32,
-    clients: Mutex<FxHashMap<IpAddr, Client>>,
+    clients: Mutex<HashMap<IpAddr, Client>>,
     /// Clients blocked right now (so connection starts skip the lock when none is).
     blocked: AtomicUsize,
 }
@@ -43,7 +45,7 @@ impl ResetLimiter {
     pub fn new(per_second: u32) -> Self {
         ResetLimiter {
             per_second,
-            clients: Mutex::new(FxHashMap::default()),
+            clients: Mutex::new(HashMap::new()),
             blocked: AtomicUsize::new(0),
         }
     }
@@ -105,7 +107,7 @@ impl ResetLimiter {
         true
     }
 
-    fn entry<'a>(&self, clients: &'a mut FxHashMap<IpAddr, Client>, client: IpAddr) -> &'a mut Client {
+    fn entry<'a>(&self, clients: &'a mut HashMap<IpAddr, Client>, client: IpAddr) -> &'a mut Client {
         if clients.len() >= MAX_TRACKED && !clients.contains_key(&client) {
             let burst = self.burst();
             clients.retain(|_, c| c.blocked_until.is_some() || c.tokens < burst || Arc::strong_count(&c.kick) > 1);
