@@ -4,7 +4,9 @@
 //! parameters, cookies) and the compiled form of what validation accepts. Case counts keep
 //! the whole set to a few seconds.
 
-use crate::http::headers::{authority, grpc_timeout, is_grpc, is_upgrade, is_websocket, port_of, strip_hop_by_hop};
+use crate::http::headers::{
+    authority, first_protocol, grpc_timeout, is_grpc, port_of, strip_hop_by_hop, tunnelled_upgrade,
+};
 use crate::listen::detect::{classify, complete_tls_record, detect, Detected, PrefixedIo};
 use crate::route::rule::{anchored, RouteMatch};
 use bytes::Bytes;
@@ -424,11 +426,12 @@ proptest! {
             req.headers_mut().insert(http::header::HOST, host);
         }
         if let Some(u) = upgrade.and_then(|u| HeaderValue::from_bytes(&u).ok()) {
-            is_websocket(u.as_bytes());
+            let _ = first_protocol(u.as_bytes());
             req.headers_mut().append(http::header::UPGRADE, u);
         }
         // Their meaning is the HTTP layer's business (and changing): here, no panic.
-        let _ = is_upgrade(&req);
+        let _ = tunnelled_upgrade(&req, &[Box::from("x")], false);
+        let _ = tunnelled_upgrade(&req, &[], true);
         let _ = is_grpc(&req);
         let expected = req
             .uri()

@@ -150,20 +150,10 @@ pub fn tunnelled_upgrade<'a, B>(
     (tunnelled && connection_upgrade).then_some(value)
 }
 
-/// A WebSocket upgrade request, with no other protocol allowed.
-pub fn is_upgrade<B>(req: &Request<B>) -> bool {
-    tunnelled_upgrade(req, &[], false).is_some()
-}
-
 /// The first protocol an `Upgrade` value names (a comma-separated list is accepted; RFC 6455
 /// clients send WebSocket alone).
 pub fn first_protocol(upgrade: &[u8]) -> &[u8] {
     upgrade.split(|&b| b == b',').next().unwrap_or_default().trim_ascii()
-}
-
-/// Whether an `Upgrade` value names WebSocket first.
-pub fn is_websocket(upgrade: &[u8]) -> bool {
-    first_protocol(upgrade).eq_ignore_ascii_case(b"websocket")
 }
 
 /// Parses `grpc-timeout` (e.g. `100m`, `5S`): a positive integer of at most 8 digits and a unit.
@@ -201,6 +191,11 @@ mod tests {
         assert_eq!(grpc_timeout(&h), Some(Duration::from_millis(250)));
         h.insert("grpc-timeout", "1x".parse().unwrap());
         assert_eq!(grpc_timeout(&h), None);
+    }
+
+    /// A WebSocket upgrade request, with no other protocol allowed.
+    fn is_upgrade<B>(req: &Request<B>) -> bool {
+        tunnelled_upgrade(req, &[], false).is_some()
     }
 
     #[test]
