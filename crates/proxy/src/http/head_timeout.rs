@@ -5,9 +5,11 @@
 //! hyper's own header timer cannot be used for it: it starts when hyper begins waiting for a
 //! head, so on a keep-alive connection it also bounds the idle time between requests, which
 //! is `--idle-timeout`'s job (and hyper keeps that one). Here the connection's reads are
-//! watched instead: the clock starts with the first byte read while no request is in the
-//! proxy, and stops when the head is complete (the service is called). The cost per request
-//! is a few relaxed atomic operations on the connection's own counters.
+//! watched instead: bytes read while no request is in the proxy start a head, and the clock
+//! runs from the first read that then has to wait for more of it (hyper reads again at once
+//! while a head is incomplete, so that is the head's first bytes give or take a poll); it
+//! stops when the head is complete (the service is called). The cost per request is a few
+//! relaxed atomic operations on the connection's own counters.
 
 use std::future::Future;
 use std::io;
