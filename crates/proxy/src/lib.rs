@@ -30,6 +30,8 @@
 pub mod app;
 pub mod balance;
 pub mod config;
+pub mod dispatch;
+pub mod filter;
 #[cfg(test)]
 mod fuzz_tests;
 pub mod http;
@@ -214,6 +216,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         metrics: metrics.clone(),
         limits: options.limits.clone(),
         access_log,
+        filters: None,
         connections: AtomicUsize::new(0),
         tls: tls.clone(),
         resets: Arc::new(crate::http::resets::ResetLimiter::new(options.limits.max_client_resets)),

@@ -12,19 +12,75 @@ pub enum Body {
     Empty,
     /// Fully buffered (proxy-generated responses, bodies kept for retries).
     Full(Option<Bytes>),
-    /// Streamed from the peer as it arrives.
-    Streaming(Incoming),
+    /// Streamed from the client as it arrives.
+    Streaming(ClientBody),
     /// An upstream response body; its connection goes back to the pool once the body is done.
     Upstream(Incoming, PoolReturn),
     /// A request body streamed while a copy is kept for retries.
-    Replay(crate::http::replay::ReplayBody<Tee>),
+    Replay(crate::http::replay::ReplayBody<Tee<ClientBody>>),
     /// A request body streamed to the upstream and copied to mirrors as it goes (rare, and
     /// the largest variant: boxed).
-    Tee(Box<Tee>),
+    Tee(Box<Tee<ClientBody>>),
     /// A mirror's request body: a copy of the client's, frame by frame.
     Tap(crate::http::tee::Tap),
     /// An upstream response body over HTTP/2.
     H2(crate::http::h2_upstream::ResponseBody),
+    /// Any other body: a response body watched to its end (see `listen::complete`).
+    Boxed(BoxBody),
+}
+
+/// A boxed body of any type (the rare cases: the common ones above are not boxed).
+pub type BoxBody = Pin<Box<dyn HttpBody<Data = Bytes, Error = BodyError> + Send + Sync>>;
+
+/// A request body as the client's side gives it: a server connection's (not boxed), or any
+/// other body type, e.g. a library caller's (see `dispatch`).
+pub enum ClientBody {
+    Incoming(Incoming),
+    Boxed(BoxBody),
+}
+
+impl From<Incoming> for ClientBody {
+    fn from(body: Incoming) -> Self {
+        ClientBody::Incoming(body)
+    }
+}
+
+impl ClientBody {
+    /// Any body, e.g. `http_body_util::Full<Bytes>` or a stream.
+    pub fn new<B>(body: B) -> Self
+    where
+        B: HttpBody<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BodyError>,
+    {
+        use http_body_util::BodyExt;
+        ClientBody::Boxed(Box::pin(body.map_err(Into::into)))
+    }
+}
+
+impl HttpBody for ClientBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ClientBody::Incoming(body) => boxed(Pin::new(body).poll_frame(cx)),
+            ClientBody::Boxed(body) => body.as_mut().poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Incoming(body) => body.is_end_stream(),
+            ClientBody::Boxed(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Incoming(body) => body.size_hint(),
+            ClientBody::Boxed(body) => body.size_hint(),
+        }
+    }
 }
 
 /// Errors of any body variant (hyper's, or a mirror's copy cut off).
@@ -80,6 +136,7 @@ impl HttpBody for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Streaming(body) => from_client(Pin::new(body).poll_frame(cx)),
+            Body::Boxed(body) => body.as_mut().poll_frame(cx),
             Body::Upstream(body, done) => {
                 let frame = Pin::new(body).poll_frame(cx);
                 if let Poll::Ready(None) = frame {
@@ -98,7 +155,9 @@ impl HttpBody for Body {
         match self {
             Body::Empty => true,
             Body::Full(data) => data.is_none(),
-            Body::Streaming(body) | Body::Upstream(body, _) => body.is_end_stream(),
+            Body::Streaming(body) => body.is_end_stream(),
+            Body::Boxed(body) => body.is_end_stream(),
+            Body::Upstream(body, _) => body.is_end_stream(),
             Body::Replay(body) => body.is_end_stream(),
             Body::Tee(body) => body.is_end_stream(),
             Body::Tap(body) => body.is_end_stream(),
@@ -110,7 +169,9 @@ impl HttpBody for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-            Body::Streaming(body) | Body::Upstream(body, _) => body.size_hint(),
+            Body::Streaming(body) => body.size_hint(),
+            Body::Boxed(body) => body.size_hint(),
+            Body::Upstream(body, _) => body.size_hint(),
             Body::Replay(body) => body.size_hint(),
             Body::Tee(body) => body.size_hint(),
             Body::Tap(body) => body.size_hint(),

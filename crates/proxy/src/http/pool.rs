@@ -138,9 +138,10 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TokioIo<TcpS
     Ok(TokioIo::new(stream))
 }
 
-/// A connection that is TLS when `mesh` says so. A failed handshake counts as a failed
-/// connect: nothing was sent, so the request may go to another endpoint.
-async fn connect_maybe_tls(
+/// The one connector: TCP, then mesh mTLS when `mesh` says so (see
+/// `identity::upstream`). A failed handshake counts as a failed connect: nothing was sent,
+/// so the request may go to another endpoint.
+pub async fn connect_maybe_tls(
     addr: SocketAddr,
     timeout: Duration,
     mesh: Option<&Mesh>,

@@ -6,6 +6,7 @@
 //! connections already open keep the ones they started with.
 
 pub mod control_tls;
+pub mod upstream;
 
 use crate::telemetry::metrics::Metrics;
 use arc_swap::ArcSwapOption;

@@ -62,12 +62,25 @@ impl Default for Limits {
 /// How long a connection closed for its client's resets may finish streams in flight.
 const KICKED_DRAIN: Duration = Duration::from_secs(1);
 
+impl crate::telemetry::event::ConnectionSink for Shared {
+    fn connection_done(&self, event: &crate::telemetry::event::ConnectionEvent) {
+        if let Some(log) = &self.access_log {
+            log.record_connection(event);
+        }
+        for filter in self.filters.iter().flat_map(|f| f.iter()) {
+            filter.connection_done(event);
+        }
+    }
+}
+
 /// State shared by every worker: read-mostly, never locked on the request path.
 pub struct Shared {
     pub config: Arc<ArcSwap<Snapshot>>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub access_log: Option<AccessLog>,
+    /// Extensions that see every request and connection (none in `smesh proxy` yet).
+    pub filters: Option<crate::filter::Filters>,
     pub connections: AtomicUsize,
     /// This proxy's mesh identity, once it has one.
     pub tls: TlsHandle,
@@ -251,7 +264,7 @@ impl Connection {
             // Application TLS and everything else is passed through untouched.
             Detected::Tls | Detected::Opaque => {
                 if self.tcp_allowed(None) {
-                    self.forward_tcp(io).await
+                    self.forward_tcp(io, None).await
                 }
             }
         }
@@ -283,7 +296,7 @@ impl Connection {
             Some(crate::identity::ALPN_HTTP1) => self.serve_http(stream, false, peer, stop).await,
             Some(crate::identity::ALPN_TCP) => {
                 if self.tcp_allowed(peer.as_deref()) {
-                    self.forward_tcp(stream).await
+                    self.forward_tcp(stream, peer).await
                 }
             }
             _ => tracing::debug!(peer = %self.peer, "mesh TLS connection without a known ALPN"),
@@ -416,7 +429,8 @@ impl Connection {
         }
     }
 
-    async fn forward_tcp<I>(&self, io: I)
+    /// `peer`: the verified identity of a peer proxy (mesh mTLS).
+    async fn forward_tcp<I>(&self, io: I, peer: Option<Arc<str>>)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
@@ -440,15 +454,25 @@ impl Connection {
             }
         };
         let tls = self.shared.tls.load_full();
-        let upstream = match tcp::connect_any(balancer, self.shared.limits.connect_timeout, tls.as_deref()).await {
-            Ok((stream, _)) => stream,
-            Err((error, detail)) => {
-                tracing::debug!(service, %detail, "tcp connect failed");
-                self.shared.metrics.proxy_error(self.spec.direction, error.reason());
-                return;
-            }
+        let (upstream, addr) =
+            match tcp::connect_any(balancer, self.shared.limits.connect_timeout, tls.as_deref()).await {
+                Ok(connected) => connected,
+                Err((error, detail)) => {
+                    tracing::debug!(service, %detail, "tcp connect failed");
+                    self.shared.metrics.proxy_error(self.spec.direction, error.reason());
+                    return;
+                }
+            };
+        let connection = tcp::Connection {
+            kind: crate::telemetry::event::ConnectionKind::Tcp,
+            direction: self.spec.direction,
+            client: self.peer,
+            peer,
+            destination: Some(Arc::from(service)),
+            upstream: Some(addr),
+            metrics: self.shared.metrics.tcp(self.spec.direction, service),
+            report: self.shared.clone(),
         };
-        let metrics = self.shared.metrics.tcp(self.spec.direction, service);
-        tcp::splice(io, upstream, &metrics).await;
+        connection.splice(io, upstream).await;
     }
 }

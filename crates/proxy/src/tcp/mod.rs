@@ -1,14 +1,18 @@
-//! Opaque TCP forwarding: full duplex, half-close preserved, bytes counted.
+//! Opaque TCP forwarding: full duplex, half-close preserved, one [`ConnectionEvent`] per
+//! connection.
 
 use crate::balance::{mark_failed, Balancer};
 use crate::http::errors::ProxyError;
-use crate::http::pool::Io;
+use crate::http::pool::{connect_maybe_tls, Io};
+use crate::identity::upstream::{Carry, Upstream};
 use crate::identity::MeshTls;
+use crate::telemetry::event::{ConnectionEvent, ConnectionKind, ConnectionSink};
 use crate::telemetry::metrics::TcpMetrics;
+use http::Version;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 
 const MAX_CONNECT_ATTEMPTS: usize = 3;
 
@@ -27,21 +31,10 @@ pub async fn connect_any(
     let mut last_error = String::new();
     while tried.len() < MAX_CONNECT_ATTEMPTS {
         let Some(endpoint) = balancer.pick(&tried) else { break };
-        match tokio::time::timeout(timeout, TcpStream::connect(endpoint.addr)).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                let Some((tls, name)) = tls.zip(endpoint.server_name.clone()) else {
-                    return Ok((Box::new(stream), endpoint.addr));
-                };
-                let connector = tokio_rustls::TlsConnector::from(tls.client_tcp.clone());
-                match tokio::time::timeout(timeout, connector.connect(name, stream)).await {
-                    Ok(Ok(tls_stream)) => return Ok((Box::new(tls_stream), endpoint.addr)),
-                    Ok(Err(e)) => last_error = format!("{}: mesh TLS: {e}", endpoint.addr),
-                    Err(_) => last_error = format!("{}: mesh TLS handshake timed out", endpoint.addr),
-                }
-            }
-            Ok(Err(e)) => last_error = format!("{}: {e}", endpoint.addr),
-            Err(_) => last_error = format!("{}: connect timed out", endpoint.addr),
+        let upstream = Upstream::new(endpoint, tls, Version::HTTP_11, Carry::Tcp);
+        match connect_maybe_tls(upstream.addr, timeout, upstream.mesh.as_ref()).await {
+            Ok(io) => return Ok((io.into_inner(), endpoint.addr)),
+            Err(e) => last_error = format!("{}: {e}", endpoint.addr),
         }
         mark_failed(endpoint);
         tried.push(endpoint.addr);
@@ -49,20 +42,48 @@ pub async fn connect_any(
     Err((ProxyError::ConnectFailed, last_error))
 }
 
-/// Copies both ways until both sides are done; an EOF from one side is passed on as a
-/// write shutdown to the other, so half-closed connections keep working.
-pub async fn splice<A, B>(mut client: A, mut upstream: B, metrics: &TcpMetrics)
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    metrics.opened.inc();
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((from_client, to_client)) => {
-            metrics.read.inc_by(from_client);
-            metrics.write.inc_by(to_client);
-        }
-        Err(e) => tracing::debug!(error = %e, "tcp connection ended with an error"),
+/// An opaque connection about to be spliced, and where it is reported when it closes.
+pub struct Connection {
+    pub kind: ConnectionKind,
+    pub direction: &'static str,
+    pub client: SocketAddr,
+    pub peer: Option<Arc<str>>,
+    pub destination: Option<Arc<str>>,
+    pub upstream: Option<SocketAddr>,
+    pub metrics: TcpMetrics,
+    pub report: Arc<dyn ConnectionSink>,
+}
+
+impl Connection {
+    /// Copies both ways until both sides are done; an EOF from one side is passed on as a
+    /// write shutdown to the other, so half-closed connections keep working.
+    pub async fn splice<A, B>(self, mut client: A, mut upstream: B)
+    where
+        A: AsyncRead + AsyncWrite + Unpin,
+        B: AsyncRead + AsyncWrite + Unpin,
+    {
+        self.metrics.opened.inc();
+        let start = Instant::now();
+        let (from_client, to_client, error) = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            Ok((from_client, to_client)) => (from_client, to_client, None),
+            Err(e) => {
+                tracing::debug!(error = %e, "tcp connection ended with an error");
+                (0, 0, Some(e.to_string()))
+            }
+        };
+        let event = ConnectionEvent {
+            kind: self.kind,
+            direction: self.direction,
+            client: self.client,
+            peer: self.peer,
+            destination: self.destination,
+            upstream: self.upstream,
+            bytes_from_client: from_client,
+            bytes_to_client: to_client,
+            duration: start.elapsed(),
+            error,
+        };
+        self.metrics.record(&event);
+        self.report.connection_done(&event);
     }
-    metrics.closed.inc();
 }

@@ -15,6 +15,7 @@ pub struct Metrics {
     pub registry: Registry,
     requests: IntCounterVec,
     responses: IntCounterVec,
+    grpc_responses: IntCounterVec,
     duration: HistogramVec,
     retries: IntCounterVec,
     pub retries_skipped: IntCounterVec,
@@ -86,6 +87,13 @@ impl Metrics {
                 "smesh_responses_total",
                 "HTTP responses sent, by status code and class.",
                 &["direction", "service", "route", "status_code", "class"],
+            ),
+            grpc_responses: counter(
+                &r,
+                "smesh_grpc_responses_total",
+                "gRPC calls answered, by gRPC status (from the trailers, or a trailers-only response; \
+                 \"none\": the response ended without one). A failed call usually has HTTP status 200.",
+                &["direction", "service", "route", "grpc_status"],
             ),
             duration,
             retries: counter(
@@ -186,6 +194,7 @@ impl Metrics {
             duration: self.duration.with_label_values(&labels),
             retries: self.retries.with_label_values(&labels),
             common: Default::default(),
+            grpc: Default::default(),
             by_tls: Default::default(),
             labels: [direction.to_string(), service.to_string(), route.to_string()],
             metrics: self.clone(),
@@ -220,12 +229,17 @@ const COMMON_STATUS: [u16; 16] = [
     200, 201, 204, 301, 302, 304, 400, 401, 403, 404, 429, 431, 500, 502, 503, 504,
 ];
 
+/// gRPC status codes defined by the gRPC spec (0 OK .. 16 UNAUTHENTICATED).
+const GRPC_STATUSES: usize = 17;
+
 /// Handles for one (direction, service, route).
 pub struct RouteMetrics {
     pub requests: IntCounter,
     pub duration: Histogram,
     pub retries: IntCounter,
     common: [OnceLock<IntCounter>; COMMON_STATUS.len()],
+    /// gRPC statuses 0..=16, then "none" (a response without one).
+    grpc: [OnceLock<IntCounter>; GRPC_STATUSES + 1],
     /// Inbound requests over mesh mTLS and in plaintext.
     by_tls: [OnceLock<IntCounter>; 2],
     labels: [String; 3],
@@ -242,6 +256,32 @@ impl RouteMetrics {
                 self.metrics
                     .inbound_tls_requests
                     .with_label_values(&[&self.labels[1], tls])
+            })
+            .inc();
+    }
+
+    /// The route's name.
+    pub fn route_name(&self) -> &str {
+        &self.labels[2]
+    }
+
+    /// Counts a finished gRPC call by its gRPC status (`None`: it ended without one).
+    pub fn grpc_response(&self, grpc_status: Option<u16>) {
+        let index = match grpc_status {
+            Some(code) if usize::from(code) < GRPC_STATUSES => usize::from(code),
+            Some(code) => {
+                // Outside the spec's codes: counted, but not kept as a handle.
+                let [d, s, r] = &self.labels;
+                let code = code.to_string();
+                return self.metrics.grpc_responses.with_label_values(&[d, s, r, &code]).inc();
+            }
+            None => GRPC_STATUSES,
+        };
+        self.grpc[index]
+            .get_or_init(|| {
+                let [d, s, r] = &self.labels;
+                let code = grpc_status.map_or_else(|| "none".to_string(), |c| c.to_string());
+                self.metrics.grpc_responses.with_label_values(&[d, s, r, &code])
             })
             .inc();
     }
@@ -266,6 +306,15 @@ pub struct TcpMetrics {
     pub closed: IntCounter,
     pub read: IntCounter,
     pub write: IntCounter,
+}
+
+impl TcpMetrics {
+    /// Counts a finished connection (its opening was counted when it started).
+    pub fn record(&self, event: &crate::telemetry::event::ConnectionEvent) {
+        self.read.inc_by(event.bytes_from_client);
+        self.write.inc_by(event.bytes_to_client);
+        self.closed.inc();
+    }
 }
 
 /// Families for the resilience layers, registered with the proxy's other metrics.

@@ -1,0 +1,1 @@
+//! Dispatch driven against loopback upstreams.

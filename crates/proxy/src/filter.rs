@@ -1,0 +1,52 @@
+//! The request path's extension point: a [`Filter`] sees each HTTP request at fixed phases
+//! and every finished request and connection. Tap, tracing and golden-metric aggregation
+//! attach here; so can a library user's own code.
+//!
+//! Not to be confused with `crate::route::filters`, the built-in HTTPRoute filters
+//! (redirects, header edits, mirrors, faults) that routes configure: those stay an enum on
+//! the hot path, and run before the phases below.
+//!
+//! Phases, in the order a request meets them (every method does nothing by default, so a
+//! filter implements only what it needs):
+//! 1. [`Filter::request_head`]: once routed and admitted, before rate limits and the
+//!    route's filters; may answer the request itself.
+//! 2. [`Filter::upstream_request`]: each try's request, just before it is sent (a retry
+//!    calls it again).
+//! 3. [`Filter::response_head`]: the response head on its way to the client.
+//! 4. [`Filter::request_done`]: the [`RequestEvent`], once the response body ended or was
+//!    dropped.
+//!
+//! and [`Filter::connection_done`] for each opaque connection (TCP, CONNECT, upgrades).
+//!
+//! Filters run on the worker threads: they must not block, and a slow one slows every
+//! request. A filter that ships events elsewhere hands them to a bounded queue (as the
+//! access log does).
+
+use crate::http::body::Body;
+use crate::telemetry::event::{ConnectionEvent, RequestCtx, RequestEvent};
+use http::request::Parts;
+use http::{Request, Response};
+use std::sync::Arc;
+
+pub trait Filter: Send + Sync + 'static {
+    /// The request head after routing; `Some` answers the request with that response
+    /// instead of sending it upstream.
+    fn request_head(&self, _ctx: &RequestCtx, _head: &mut Parts) -> Option<Response<Body>> {
+        None
+    }
+
+    /// A try's request, just before it goes to `ctx.endpoint`.
+    fn upstream_request(&self, _ctx: &RequestCtx, _req: &mut Request<Body>) {}
+
+    /// The response head, before it goes to the client (also the proxy's own answers).
+    fn response_head(&self, _ctx: &RequestCtx, _resp: &mut Response<Body>) {}
+
+    /// The request is over: its response body ended, failed, or was dropped.
+    fn request_done(&self, _event: &RequestEvent) {}
+
+    /// An opaque connection closed.
+    fn connection_done(&self, _event: &ConnectionEvent) {}
+}
+
+/// The filters a proxy runs, in order. Empty by default: then no request pays for them.
+pub type Filters = Arc<[Arc<dyn Filter>]>;
