@@ -142,3 +142,128 @@ impl Drop for Watched {
         self.finish(end);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::snapshot::Snapshot;
+    use crate::filter::Filter;
+    use crate::telemetry::metrics::Metrics;
+    use http_body_util::{BodyExt, StreamBody};
+    use std::sync::Mutex;
+
+    /// Keeps every event it is given.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(Option<u16>, u64, BodyEnd, bool)>>);
+
+    impl Filter for Recorder {
+        fn request_done(&self, e: &RequestEvent) {
+            let mut seen = self.0.lock().unwrap();
+            seen.push((e.grpc_status, e.response_bytes, e.end.clone(), e.is_failure()));
+        }
+    }
+
+    fn shared(recorder: Option<Arc<Recorder>>) -> (Arc<Shared>, Arc<Metrics>) {
+        let metrics = Metrics::new();
+        let shared = Shared {
+            config: Arc::new(arc_swap::ArcSwap::from_pointee(Snapshot::serving(None))),
+            metrics: metrics.clone(),
+            limits: Default::default(),
+            access_log: None,
+            filters: recorder.map(|r| Arc::from([r as Arc<dyn Filter>])),
+            connections: Default::default(),
+            tls: Default::default(),
+            resets: Arc::new(crate::http::resets::ResetLimiter::new(0)),
+        };
+        (Arc::new(shared), metrics)
+    }
+
+    fn ctx(metrics: &Arc<Metrics>, grpc: bool) -> RequestCtx {
+        let mut ctx = RequestCtx::new("outbound", "127.0.0.1:1".parse().unwrap(), None);
+        ctx.grpc = grpc;
+        ctx.route = Some(Arc::new(metrics.route("outbound", "api", "r")));
+        ctx
+    }
+
+    type Frames = Vec<Result<Frame<Bytes>, BodyError>>;
+
+    fn response(frames: Frames) -> Response<Body> {
+        Response::new(Body::Boxed(Box::pin(StreamBody::new(tokio_stream::iter(frames)))))
+    }
+
+    fn trailers(status: &'static str) -> Result<Frame<Bytes>, BodyError> {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", http::HeaderValue::from_static(status));
+        Ok(Frame::trailers(t))
+    }
+
+    fn data(s: &'static str) -> Result<Frame<Bytes>, BodyError> {
+        Ok(Frame::data(Bytes::from_static(s.as_bytes())))
+    }
+
+    fn grpc_count(metrics: &Metrics, status: &str) -> u64 {
+        let families = metrics.registry.gather();
+        let family = families.iter().find(|f| f.name() == "smesh_grpc_responses_total");
+        family.map_or(0, |f| {
+            f.get_metric()
+                .iter()
+                .filter(|m| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == "grpc_status" && l.value() == status)
+                })
+                .map(|m| m.get_counter().get_value() as u64)
+                .sum()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_grpc_failure_in_the_trailers_is_counted_by_its_status() {
+        let recorder = Arc::new(Recorder::default());
+        let (shared, metrics) = shared(Some(recorder.clone()));
+        let resp = watch(
+            ctx(&metrics, true),
+            response(vec![data("msg"), trailers("14")]),
+            &shared,
+        );
+        assert_eq!(resp.status(), 200);
+        let _ = resp.into_body().collect().await;
+        let seen = recorder.0.lock().unwrap().clone();
+        assert_eq!(seen, vec![(Some(14), 3, BodyEnd::Complete, true)]);
+        assert_eq!((grpc_count(&metrics, "14"), grpc_count(&metrics, "0")), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_off_mid_stream_completes_with_the_error() {
+        let recorder = Arc::new(Recorder::default());
+        let (shared, metrics) = shared(Some(recorder.clone()));
+        let cut: Result<Frame<Bytes>, BodyError> = Err("upstream went away".into());
+        let resp = watch(ctx(&metrics, false), response(vec![data("part"), cut]), &shared);
+        assert!(resp.into_body().collect().await.is_err());
+        let seen = recorder.0.lock().unwrap().clone();
+        assert_eq!(seen, vec![(None, 4, BodyEnd::Error("upstream went away".into()), true)]);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_unfinished_completes_as_dropped() {
+        let recorder = Arc::new(Recorder::default());
+        let (shared, metrics) = shared(Some(recorder.clone()));
+        let mut body = watch(ctx(&metrics, true), response(vec![data("a"), data("b")]), &shared).into_body();
+        let first = body.frame().await;
+        assert!(first.is_some_and(|f| f.is_ok()));
+        drop(body);
+        let seen = recorder.0.lock().unwrap().clone();
+        // A gRPC call without a status is a failure too.
+        assert_eq!(seen, vec![(None, 1, BodyEnd::Dropped, true)]);
+        assert_eq!(grpc_count(&metrics, "none"), 1);
+    }
+
+    #[tokio::test]
+    async fn without_consumers_the_response_is_not_watched() {
+        let (shared, metrics) = shared(None);
+        let resp = watch(ctx(&metrics, false), response(vec![data("a")]), &shared);
+        assert!(matches!(resp.body(), Body::Boxed(_)), "the test's own body, as it was");
+        let resp = watch(ctx(&metrics, false), Response::new(Body::Empty), &shared);
+        assert!(matches!(resp.body(), Body::Empty));
+    }
+}
