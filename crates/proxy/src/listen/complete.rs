@@ -152,9 +152,12 @@ mod tests {
     use http_body_util::{BodyExt, StreamBody};
     use std::sync::Mutex;
 
+    /// What a test checks of an event: gRPC status, bytes, end, failure.
+    type Seen = (Option<u16>, u64, BodyEnd, bool);
+
     /// Keeps every event it is given.
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<(Option<u16>, u64, BodyEnd, bool)>>);
+    struct Recorder(Mutex<Vec<Seen>>);
 
     impl Filter for Recorder {
         fn request_done(&self, e: &RequestEvent) {
