@@ -1,10 +1,25 @@
 //! smesh data plane.
 //!
-//! The request path, in order: [`listen::server`] accepts on a worker, [`listen::detect`]
-//! picks the protocol, [`listen::http`] routes with the [`config::snapshot`]'s
-//! [`route::rule`] table, [`balance`] picks an endpoint, [`http::pool`] sends on a
-//! worker-owned upstream connection; [`tcp`] handles opaque streams. [`telemetry`] observes
-//! it; [`config::reload`], [`config::control`] and [`app::admin`] run on the main thread.
+//! A connection: [`listen::server`] accepts it on a worker, [`listen::detect`] picks the
+//! protocol (mesh mTLS, HTTP/1, HTTP/2, opaque), and an HTTP request then goes through the
+//! stages of [`listen::http`], each over one [`telemetry::event::RequestCtx`]:
+//!
+//! 1. `read_head`: `Host` rules, gRPC-ness, the request line for consumers that log it;
+//! 2. `admit` (inbound: authorization with the peer's identity) or `route` (outbound: the
+//!    Service by authority, then its rule in the [`config::snapshot`]; `CONNECT` tunnels);
+//! 3. `rate_limit`: the Service's inbound share, the route's RateLimit filters;
+//! 4. `request_filters`: hop-by-hop headers, a permitted upgrade, [`filter::Filter`]s,
+//!    the route's filters ([`route::filters`]: redirects, header edits, faults);
+//! 5. `dispatch`: [`dispatch::Dispatch`], the tries (shedding, circuit breaker, balancer
+//!    pick, [`identity::upstream`] decision, send on a worker-owned pooled connection
+//!    ([`http::pool`]), outlier detection, retry with budget and body replay);
+//! 6. `response_filters`: the route's response filters, upgrades become tunnels;
+//! 7. `finish`: response metrics, then [`listen::complete`] completes the request's
+//!    [`telemetry::event::RequestEvent`] when the response body ends, for the metrics, the
+//!    access log and the filters.
+//!
+//! Opaque streams ([`tcp`]) report one [`telemetry::event::ConnectionEvent`] each.
+//! [`config::reload`], [`config::control`] and [`app::admin`] run on the main thread.
 //!
 //! One folder per concern, layered so that no two folders import each other
 //! (`scripts/check-imports crates/proxy/src folders`, run by `scripts/test`), highest first:
@@ -12,19 +27,23 @@
 //! - `lib.rs`: process wiring ([`run`]): threads, runtimes, sockets, the snapshot source.
 //! - [`app`]: what the process runs beside its listeners: the admin server, the active
 //!   health checker.
-//! - [`listen`]: accept, connection handling, protocol detection, the HTTP handler
-//!   (`forward`, the tries).
+//! - [`listen`]: accept, connection handling, protocol detection, the HTTP handler's
+//!   stages, the request's completion.
 //! - [`config`]: the snapshot (lookups and builder), inbound authorization, the file and
 //!   control-plane sources.
+//! - [`dispatch`]: a routed request's tries, usable without a server.
 //! - [`route`]: rules, filters, faults, mirrors.
 //! - [`resilience`]: retry policy, circuit breaking, retry budget, shedding, rate limits,
 //!   deadlines.
-//! - [`tcp`]: opaque forwarding and its connector.
-//! - [`identity`]: mesh TLS, the identity agent, the control-plane transport.
+//! - [`tcp`]: opaque forwarding and its connect loop.
+//! - [`identity`]: mesh TLS, the identity agent, how an endpoint is reached
+//!   ([`identity::upstream`]), the control-plane transport.
 //! - [`balance`]: balancer, endpoint state (incl. health and outlier state), outlier detection.
+//! - [`filter`]: the extension point (the [`filter::Filter`] trait's phases).
 //! - [`http`]: building blocks without policy: the one body type, headers, error responses,
-//!   replay, the upstream connection pools and the HTTP/2 client, upstream request building.
-//! - [`telemetry`]: metrics and the access log.
+//!   replay, the upstream connection pools, the connector and the HTTP/2 client, upstream
+//!   request building.
+//! - [`telemetry`]: request and connection events, metrics, the access log.
 //! - [`shutdown`]: the stop signal every background loop watches.
 
 pub mod app;

@@ -1,4 +1,4 @@
-//! The HTTP handler: a request's stages, in order (see [`HttpProxy::stages`]), over one
+//! The HTTP handler: a request's stages, in order (`HttpProxy::stages`), over one
 //! [`RequestCtx`]. The tries themselves are [`crate::dispatch`]; the event that ends a
 //! request is [`crate::listen::complete`].
 

@@ -23,7 +23,7 @@ pub struct RequestCtx {
     pub peer: Option<Arc<str>>,
     /// Whether the request is a gRPC call (`content-type: application/grpc...`).
     pub grpc: bool,
-    /// The request line, kept only when a consumer wants it (see [`RequestCtx::wants_head`]).
+    /// The request line, kept only when a consumer reports it (the access log, filters).
     pub head: Option<Box<RequestHead>>,
     /// The route that matched (inbound: the local app's): its name and metric handles.
     pub route: Option<Arc<RouteMetrics>>,
