@@ -1,6 +1,6 @@
 //! smesh data plane.
 //!
-//! The request path, in order: [`listen::server`] accepts on a worker, [`listen::detect`]
+//! The request path, in order: [`listen::accept`] accepts on a worker, [`listen::detect`]
 //! picks the protocol, [`listen::http`] routes with the [`config::snapshot`]'s
 //! [`route::rule`] table, [`balance`] picks an endpoint, [`http::pool`] sends on a
 //! worker-owned upstream connection; [`tcp`] handles opaque streams. [`telemetry`] observes
@@ -9,9 +9,9 @@
 //! One folder per concern, layered so that no two folders import each other
 //! (`scripts/check-imports crates/proxy/src folders`, run by `scripts/test`), highest first:
 //!
-//! - `lib.rs`: process wiring ([`run`]): threads, runtimes, sockets, the snapshot source.
-//! - [`app`]: what the process runs beside its listeners: the admin server, the active
-//!   health checker.
+//! - `lib.rs`: process wiring ([`run`]): the listeners and the snapshot source.
+//! - [`app`]: the workers that run the listeners (threads, runtimes, sockets, drain), and
+//!   what the process runs beside them: the admin server, the active health checker.
 //! - [`listen`]: accept, connection handling, protocol detection, the HTTP handler
 //!   (`forward`, the tries).
 //! - [`config`]: the snapshot (lookups and builder), inbound authorization, the file and
@@ -43,15 +43,15 @@ pub mod telemetry;
 
 use app::{admin, health};
 use config::{control, reload, snapshot};
-use http::pool;
 use identity::control_tls;
-use listen::server;
 use telemetry::{access_log, metrics};
 
+use crate::app::workers::{Listener, Workers};
 use crate::balance::{Balancer, Endpoint};
 use crate::listen::http::Target;
 use crate::listen::server::{ListenerSpec, Shared};
 use crate::route::rule::{Rule, WeightedBackend};
+use crate::shutdown::wait_for_signal;
 use arc_swap::ArcSwap;
 use smesh_model::LoadBalancer;
 use std::net::SocketAddr;
@@ -61,14 +61,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// Scheduler ticks between a busy worker's polls of epoll (tokio's default is 61). A worker
-/// that always has ready tasks checks for new I/O only this often; larger batches mean fewer
-/// epoll_wait calls per request. Measured on one worker (wrk -c64 HTTP/1.1, h2load -c8 -m16
-/// h2c): 61 -> 200..1000 gave +2% and +5% req/s, with no gain beyond; at most ~256 task
-/// polls (well under a millisecond) pass before a saturated worker sees new events.
-const WORKER_EVENT_INTERVAL: u32 = 256;
-
-pub use server::Limits;
+pub use listen::server::Limits;
 
 /// Everything `smesh proxy` is told on its command line.
 #[derive(Debug, Clone)]
@@ -193,12 +186,16 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
     }
 
     // Bind everything up front so an address in use is a start-up error.
-    let mut sockets = Vec::new();
-    for (addr, _) in &specs {
-        sockets.push(server::bind_first(*addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?);
-    }
-    let admin_socket =
-        server::bind_first(options.admin).map_err(|e| format!("cannot listen on admin {}: {e}", options.admin))?;
+    let listeners = specs
+        .into_iter()
+        .map(|(addr, spec)| Listener {
+            addr,
+            spec: Arc::new(spec),
+        })
+        .collect();
+    let workers = Workers::bind(listeners, options.workers)?;
+    let admin_socket = crate::listen::accept::bind_first(options.admin)
+        .map_err(|e| format!("cannot listen on admin {}: {e}", options.admin))?;
 
     let (access_log, flusher) = match &options.access_log {
         Some(dest) => {
@@ -218,57 +215,14 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         tls: tls.clone(),
         resets: Arc::new(crate::http::resets::ResetLimiter::new(options.limits.max_client_resets)),
     });
-    let specs: Vec<(SocketAddr, Arc<ListenerSpec>)> = specs.into_iter().map(|(a, s)| (a, Arc::new(s))).collect();
     let (stop_tx, stop_rx) = watch::channel(false);
-
-    let workers = options.workers.max(1);
-    let mut threads = Vec::new();
-    let mut first = Some(sockets);
-    for index in 0..workers {
-        // Worker 0 takes the sockets bound above; the others bind their own on the same
-        // addresses, and the kernel spreads connections across them.
-        let sockets = match first.take() {
-            Some(s) => s,
-            None => specs
-                .iter()
-                .map(|(addr, _)| server::bind(*addr).map_err(|e| format!("cannot listen on {addr}: {e}")))
-                .collect::<Result<Vec<_>, _>>()?,
-        };
-        let specs = specs.clone();
-        let shared = shared.clone();
-        let stop = stop_rx.clone();
-        let drain = options.drain_timeout;
-        let thread = std::thread::Builder::new()
-            .name(format!("smesh-worker-{index}"))
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .event_interval(WORKER_EVENT_INTERVAL)
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start worker runtime");
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    tokio::spawn(pool::close_idle_forever(stop.clone()));
-                    let loops: Vec<_> = sockets
-                        .into_iter()
-                        .zip(specs)
-                        .map(|(socket, (_, spec))| {
-                            tokio::spawn(server::accept_loop(socket, spec, shared.clone(), stop.clone(), drain))
-                        })
-                        .collect();
-                    for l in loops {
-                        let _ = l.await;
-                    }
-                });
-            })
-            .map_err(|e| format!("cannot start worker thread: {e}"))?;
-        threads.push(thread);
-    }
+    let worker_count = workers.count();
+    let addresses: Vec<_> = workers
+        .listeners()
+        .iter()
+        .map(|l| (l.spec.name.clone(), l.addr))
+        .collect();
+    let running = workers.start(shared.clone(), stop_rx.clone(), options.drain_timeout)?;
 
     let main = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -332,10 +286,10 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
                 tokio::spawn(client.run(stop_rx.clone()))
             }
         };
-        for (addr, spec) in &specs {
-            tracing::info!(listener = %spec.name, %addr, "listening");
+        for (name, addr) in &addresses {
+            tracing::info!(listener = %name, %addr, "listening");
         }
-        tracing::info!(admin = %options.admin, workers, "smesh proxy ready");
+        tracing::info!(admin = %options.admin, workers = worker_count, "smesh proxy ready");
         ready.store(true, Ordering::Release);
         wait_for_signal().await;
         tracing::info!(drain_timeout = ?options.drain_timeout, "shutting down: draining connections");
@@ -344,12 +298,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         let _ = config_task.await;
         let _ = health_task.await;
         // The admin port stays up while workers drain, then closes with them.
-        let joined = tokio::task::spawn_blocking(move || {
-            for t in threads {
-                let _ = t.join();
-            }
-        });
-        let _ = joined.await;
+        let _ = tokio::task::spawn_blocking(move || running.join()).await;
         let _ = admin_task.await;
     });
     drop(shared);
@@ -421,19 +370,4 @@ fn inbound_rule(
         None,
         Arc::new(metrics.route("inbound", label, "inbound")),
     ))
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
