@@ -20,7 +20,8 @@
 //! - [`resilience`]: retry policy, circuit breaking, retry budget, shedding, rate limits,
 //!   deadlines.
 //! - [`tcp`]: opaque forwarding and its connector.
-//! - [`identity`]: mesh TLS, the identity agent, the control-plane transport.
+//! - [`identity`]: mesh TLS, the identity table (by service and by TLS server name), the
+//!   identity agent, the control-plane transport.
 //! - [`balance`]: balancer, endpoint state (incl. health and outlier state), outlier detection.
 //! - [`http`]: building blocks without policy: the one body type, headers, error responses,
 //!   replay, the upstream connection pools and the HTTP/2 client, upstream request building.
@@ -205,7 +206,11 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         }
         None => (None, None),
     };
-    let tls: identity::TlsHandle = Arc::default();
+    // The identity table holds this proxy's one identity (`--service`), certified later if
+    // the control plane gives it a certificate; requests leaving the proxy present it.
+    let identities = Arc::new(identity::table::Identities::default());
+    let identity = options.service.as_deref().map(|service| identities.add(service));
+    let tls: identity::TlsHandle = identity.as_ref().map(|i| i.tls.clone()).unwrap_or_default();
     let shared = Arc::new(Shared {
         config: config.clone(),
         metrics: metrics.clone(),
@@ -214,6 +219,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         connections: AtomicUsize::new(0),
         tls: tls.clone(),
         resets: Arc::new(crate::http::resets::ResetLimiter::new(options.limits.max_client_resets)),
+        identities: identities.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let worker_count = workers.count();
@@ -257,14 +263,14 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
             }
             None => {
                 // The identity first, so the endpoint is announced with it.
-                let renewals = match options.service.clone() {
-                    Some(service) => {
+                let renewals = match identity {
+                    Some(identity) => {
                         let agent = identity::IdentityAgent {
                             urls: options.control.clone(),
                             trust: control_trust.clone(),
-                            service,
+                            identity,
+                            identities: identities.clone(),
                             join_token: options.join_token.clone(),
-                            handle: tls.clone(),
                             metrics: metrics.clone(),
                         };
                         agent.start(stop_rx.clone()).await
@@ -277,6 +283,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
                     urls: options.control.clone(),
                     trust: control_trust.clone(),
                     identity: tls.clone(),
+                    identities: identities.clone(),
                     hello: hello(&options, spiffe_id),
                     config: config.clone(),
                     metrics: metrics.clone(),

@@ -8,7 +8,8 @@ use crate::config::snapshot::Snapshot;
 use crate::http::head_timeout::{Handling, HeadTimeout, Heads};
 use crate::http::recycle::Recycled;
 use crate::http::resets::{Abandoned, Answered, ResetLimiter};
-use crate::identity::{MeshTls, TlsHandle};
+use crate::identity::table::Identities;
+use crate::identity::TlsHandle;
 use crate::listen::detect::{complete_tls_record, detect, Detected, PrefixedIo};
 use crate::listen::http::{HttpProxy, Target};
 use crate::shutdown::stopped;
@@ -69,10 +70,13 @@ pub struct Shared {
     pub limits: Limits,
     pub access_log: Option<AccessLog>,
     pub connections: AtomicUsize,
-    /// This proxy's mesh identity, once it has one.
+    /// The mesh identity requests leaving this proxy present, once it has one (a sidecar:
+    /// its workload's, also in `identities`).
     pub tls: TlsHandle,
     /// Abandoned requests per client address.
     pub resets: Arc<ResetLimiter>,
+    /// Every identity this proxy serves mesh TLS for, chosen by the name the client sent.
+    pub identities: Arc<Identities>,
 }
 
 pub struct ListenerSpec {
@@ -132,14 +136,14 @@ impl Connection {
         let mut prefix = prefix;
         if matches!(self.spec.target, Target::Inbound(_)) {
             let strict = self.shared.config.load().mtls == smesh_model::MtlsMode::Strict;
-            match (protocol, self.shared.tls.load_full()) {
-                (Detected::Tls, Some(tls)) => {
-                    // A peer proxy's ClientHello names this proxy's identity; an app's own
-                    // TLS (permissive mode only) goes to the app untouched.
+            match (protocol, self.shared.identities.server()) {
+                (Detected::Tls, Some(server)) => {
+                    // A peer proxy's ClientHello names one of this proxy's identities; an
+                    // app's own TLS (permissive mode only) goes to the app untouched.
                     prefix = complete_tls_record(&mut stream, prefix, limits.detect_timeout).await;
-                    if strict || tls.is_mesh_hello(&prefix) != Some(false) {
+                    if strict || self.shared.identities.is_mesh_hello(&prefix) != Some(false) {
                         self.shared.metrics.inbound_connections[0].inc();
-                        return self.serve_mesh(PrefixedIo::new(prefix, stream), tls, stop).await;
+                        return self.serve_mesh(PrefixedIo::new(prefix, stream), server, stop).await;
                     }
                 }
                 (_, _) if strict => {
@@ -167,9 +171,15 @@ impl Connection {
         }
     }
 
-    /// Terminates mesh mTLS from a peer proxy, then serves what its ALPN says.
-    async fn serve_mesh(&self, io: PrefixedIo<TcpStream>, tls: Arc<MeshTls>, stop: watch::Receiver<bool>) {
-        let accept = tokio_rustls::TlsAcceptor::from(tls.server.clone()).accept(io);
+    /// Terminates mesh mTLS from a peer proxy, presenting the identity it named, then serves
+    /// what its ALPN says.
+    async fn serve_mesh(
+        &self,
+        io: PrefixedIo<TcpStream>,
+        server: Arc<rustls::ServerConfig>,
+        stop: watch::Receiver<bool>,
+    ) {
+        let accept = tokio_rustls::TlsAcceptor::from(server).accept(io);
         let stream = match tokio::time::timeout(self.shared.limits.idle_timeout, accept).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
