@@ -1,6 +1,10 @@
-//! What the process runs beside its listeners: the admin server and the active health
-//! checker; and the workers that run the listeners, whatever the mode.
+//! Deployment modes, wiring only: the workers apart from any mode, a workload, the sidecar
+//! (`smesh proxy`); and what the process runs beside its listeners: the admin server and the
+//! active health checker.
 
 pub mod admin;
 pub mod health;
+pub mod options;
+pub mod sidecar;
 pub mod workers;
+pub mod workload;
