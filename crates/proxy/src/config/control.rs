@@ -22,6 +22,8 @@ pub struct ControlClient {
     /// For `https://` control planes; the stream presents this proxy's certificate.
     pub trust: Option<crate::identity::control_tls::ControlTrust>,
     pub identity: crate::identity::TlsHandle,
+    /// Every identity this process holds: each trusts the bundle the control plane pushes.
+    pub identities: Arc<crate::identity::table::Identities>,
     pub hello: Hello,
     pub config: Arc<ArcSwap<Snapshot>>,
     pub metrics: Arc<Metrics>,
@@ -129,19 +131,14 @@ impl ControlClient {
     }
 
     /// Trusts the roots the control plane pushes (a CA rotation adds one, a retirement
-    /// removes the old): every TLS configuration is rebuilt with them.
+    /// removes the old): every identity's TLS configurations are rebuilt with them.
     fn apply_trust_bundle(&self, bundle: &str) {
-        let Some(current) = self.identity.load_full() else {
-            return;
-        };
-        if bundle.is_empty() || current.bundle_pem == bundle {
+        if bundle.is_empty() {
             return;
         }
-        match current.with_bundle(bundle) {
-            Ok(next) => {
-                self.identity.store(Some(Arc::new(next)));
-                tracing::info!(roots = next_roots(bundle), "trust bundle updated");
-            }
+        match self.identities.apply_bundle(bundle) {
+            Ok(true) => tracing::info!(roots = next_roots(bundle), "trust bundle updated"),
+            Ok(false) => {}
             Err(e) => {
                 tracing::error!(error = %e, "trust bundle from the control plane rejected; keeping the previous one")
             }

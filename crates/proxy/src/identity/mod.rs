@@ -1,11 +1,14 @@
-//! This proxy's workload identity and the mesh TLS built on it.
+//! Workload identities and the mesh TLS built on them.
 //!
-//! The proxy makes its own key pair (it never leaves the process), asks the control plane's
-//! CA for a certificate with a join token, and renews at two thirds of the lifetime by proving
-//! it holds the current certificate. Each renewal swaps in new TLS configurations atomically;
-//! connections already open keep the ones they started with.
+//! [`table`] holds the identities a process fronts (by service and by TLS server name) and the
+//! mesh TLS server configuration. For each identity, an [`IdentityAgent`] makes a key pair (it
+//! never leaves the process), asks the control plane's CA for a certificate with a join token,
+//! and renews at two thirds of the lifetime by proving it holds the current certificate. Each
+//! renewal swaps in new TLS configurations atomically; connections already open keep the ones
+//! they started with.
 
 pub mod control_tls;
+pub mod table;
 pub mod upstream;
 
 use crate::telemetry::metrics::Metrics;
@@ -13,12 +16,13 @@ use arc_swap::ArcSwapOption;
 use rcgen::{CertificateParams, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore};
 use smesh_api::v1::identity_client::IdentityClient;
 use smesh_api::v1::{certify_request, CertifyRequest};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use table::{Identities, Identity};
 use tokio::sync::watch;
 
 /// How long a starting proxy keeps asking for its first certificate before it goes on
@@ -32,6 +36,9 @@ pub const ALPN_TCP: &[u8] = b"smesh-tcp";
 
 pub struct MeshTls {
     pub spiffe_id: String,
+    /// The TLS server name peers ask for (`<service>.service.<trust-domain>`); None if the
+    /// SPIFFE ID is not a service identity.
+    pub tls_name: Option<String>,
     pub not_after: SystemTime,
     /// The certificate chain and key, for other clients (the control-plane connection).
     pub chain: Vec<CertificateDer<'static>>,
@@ -39,14 +46,15 @@ pub struct MeshTls {
     /// The CA roots this identity trusts, as received and parsed.
     pub bundle_pem: String,
     pub roots: Arc<RootCertStore>,
-    /// Requires a client certificate from this CA.
-    pub server: Arc<ServerConfig>,
+    /// What the mesh TLS server presents to a client naming this identity
+    /// ([`table::Identities`] holds the server configuration).
+    pub certified: Arc<CertifiedKey>,
     pub client_h2: Arc<ClientConfig>,
     pub client_http1: Arc<ClientConfig>,
     pub client_tcp: Arc<ClientConfig>,
 }
 
-/// The current identity, if any; swapped on renewal.
+/// One identity's current certificate, if any; swapped on renewal.
 pub type TlsHandle = Arc<ArcSwapOption<MeshTls>>;
 
 /// The TLS server name a peer with this SPIFFE ID presents (the CA puts it in a DNS SAN).
@@ -89,16 +97,8 @@ fn build_from(
         return Err("trust bundle: no certificate".into());
     }
     let roots = Arc::new(roots);
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-        .build()
-        .map_err(|e| format!("client verifier: {e}"))?;
-    let mut server = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain.clone(), key.clone_key())
+    let certified = CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider())
         .map_err(|e| format!("server config: {e}"))?;
-    server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TCP.to_vec()];
     let client = |alpn: &[u8]| -> Result<Arc<ClientConfig>, String> {
         let mut c = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -110,14 +110,16 @@ fn build_from(
         Ok(Arc::new(c))
     };
     let (client_h2, client_http1, client_tcp) = (client(ALPN_H2)?, client(ALPN_HTTP1)?, client(ALPN_TCP)?);
+    let tls_name = smesh_model::SpiffeId::parse(&spiffe_id).map(|id| id.tls_name());
     Ok(MeshTls {
         spiffe_id,
+        tls_name,
         not_after,
         chain,
         key,
         bundle_pem: bundle_pem.to_string(),
         roots,
-        server: Arc::new(server),
+        certified: Arc::new(certified),
         client_h2,
         client_http1,
         client_tcp,
@@ -137,21 +139,6 @@ impl MeshTls {
     }
 }
 
-impl MeshTls {
-    /// Whether a ClientHello (the first TLS record, as received) is a peer proxy's: mesh
-    /// clients name this identity's DNS SAN as the server. Anything else is an
-    /// application's own TLS. `None`: the record is incomplete or not a ClientHello.
-    pub fn is_mesh_hello(&self, record: &[u8]) -> Option<bool> {
-        let mut acceptor = rustls::server::Acceptor::default();
-        let mut reader = record;
-        acceptor.read_tls(&mut reader).ok()?;
-        let accepted = acceptor.accept().ok()??;
-        let ours = server_name(&self.spiffe_id)?;
-        let sni = accepted.client_hello().server_name().map(str::to_string);
-        Some(sni.as_deref() == Some(ours.to_str().as_ref()))
-    }
-}
-
 /// The SPIFFE ID in a peer's certificate (its URI SAN), once the handshake verified it.
 pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<String> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
@@ -163,13 +150,14 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<String> {
     })
 }
 
+/// Gets and renews one identity's certificate, installing each in the table.
 pub struct IdentityAgent {
     pub urls: Vec<String>,
     /// For `https://` control planes.
     pub trust: Option<crate::identity::control_tls::ControlTrust>,
-    pub service: String,
+    pub identity: Arc<Identity>,
+    pub identities: Arc<Identities>,
     pub join_token: Option<String>,
-    pub handle: TlsHandle,
     pub metrics: Arc<Metrics>,
 }
 
@@ -183,7 +171,7 @@ impl IdentityAgent {
     /// renewing in the background until `stop`.
     pub async fn start(self, mut stop: watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
         let Some(token) = self.join_token.clone() else {
-            tracing::warn!(service = %self.service, "no join token (--token-file): this proxy has no identity, so it speaks plaintext to the mesh and cannot serve mesh mTLS");
+            tracing::warn!(service = %self.identity.service, "no join token (--token-file): this proxy has no identity, so it speaks plaintext to the mesh and cannot serve mesh mTLS");
             return None;
         };
         let key = match KeyPair::generate() {
@@ -206,7 +194,7 @@ impl IdentityAgent {
                     break;
                 }
                 Err(Failure::Refused(why)) => {
-                    tracing::error!(service = %self.service, reason = %why, "the control plane refused a certificate; this proxy has no identity");
+                    tracing::error!(service = %self.identity.service, reason = %why, "the control plane refused a certificate; this proxy has no identity");
                     self.metrics.identity_renewals.with_label_values(&["refused"]).inc();
                     return None;
                 }
@@ -215,7 +203,7 @@ impl IdentityAgent {
                     tracing::warn!(reason = %why, attempt, "cannot get a certificate yet; retrying");
                     let wake = tokio::time::Instant::now() + backoff(attempt);
                     if wake > give_up {
-                        tracing::error!(service = %self.service, "no certificate after {FIRST_CERTIFICATE_PATIENCE:?}; running without an identity");
+                        tracing::error!(service = %self.identity.service, "no certificate after {FIRST_CERTIFICATE_PATIENCE:?}; running without an identity");
                         return None;
                     }
                     tokio::select! {
@@ -231,7 +219,7 @@ impl IdentityAgent {
     async fn renew_forever(self, key: KeyPair, mut proof: Proof, mut stop: watch::Receiver<bool>) {
         let mut failures = 0u32;
         loop {
-            let wait = match self.handle.load_full() {
+            let wait = match self.identity.tls.load_full() {
                 Some(tls) => renew_in(tls.not_after),
                 None => Duration::from_secs(1),
             };
@@ -265,7 +253,7 @@ impl IdentityAgent {
             .and_then(|c| c.pem())
             .map_err(|e| Failure::Refused(format!("cannot make a CSR: {e}")))?;
         let request = CertifyRequest {
-            service: self.service.clone(),
+            service: self.identity.service.to_string(),
             csr_pem: csr,
             proof: Some(match proof {
                 Proof::Token(t) => certify_request::Proof::JoinToken(t.clone()),
@@ -274,7 +262,7 @@ impl IdentityAgent {
         };
         let mut last = String::from("no control plane configured");
         for url in &self.urls {
-            let current = self.handle.load_full();
+            let current = self.identity.tls.load_full();
             let mut client =
                 match crate::identity::control_tls::grpc_channel(url, self.trust.as_ref(), current.as_deref()).await {
                     Ok(channel) => IdentityClient::new(channel),
@@ -295,7 +283,7 @@ impl IdentityAgent {
                         not_after,
                     )
                     .map_err(Failure::Refused)?;
-                    self.handle.store(Some(Arc::new(tls)));
+                    self.identities.install(&self.identity, tls).map_err(Failure::Refused)?;
                     self.metrics.identity_expiry.set(resp.not_after_unix as i64);
                     self.metrics.identity_renewals.with_label_values(&["ok"]).inc();
                     tracing::info!(identity = %resp.spiffe_id, not_after = resp.not_after_unix, "certificate installed");

@@ -177,6 +177,7 @@ mod tests {
             connections: Default::default(),
             tls: Default::default(),
             resets: Arc::new(crate::http::resets::ResetLimiter::new(0)),
+            identities: Default::default(),
         };
         (Arc::new(shared), metrics)
     }

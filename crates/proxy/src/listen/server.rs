@@ -1,13 +1,15 @@
-//! Listeners and workers (DESIGN.md section 3): each worker thread runs its own
-//! single-threaded runtime and accepts on its own `SO_REUSEPORT` socket, so a connection and
-//! the upstream connections it uses stay on one thread.
+//! One connection, from accept to close: mesh TLS or plaintext, protocol detection, then HTTP
+//! (hyper) or opaque TCP. Also what every connection shares ([`Shared`]) and what a listener
+//! is ([`ListenerSpec`]). Connections run on the worker that accepted them (DESIGN.md section
+//! 3; see [`crate::app::workers`]).
 
 use crate::balance::Balancer;
 use crate::config::snapshot::Snapshot;
 use crate::http::head_timeout::{Handling, HeadTimeout, Heads};
 use crate::http::recycle::Recycled;
 use crate::http::resets::{Abandoned, Answered, ResetLimiter};
-use crate::identity::{MeshTls, TlsHandle};
+use crate::identity::table::Identities;
+use crate::identity::TlsHandle;
 use crate::listen::detect::{complete_tls_record, detect, Detected, PrefixedIo};
 use crate::listen::http::{HttpProxy, Target};
 use crate::shutdown::stopped;
@@ -18,12 +20,11 @@ use arc_swap::ArcSwap;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 /// Limits on what clients may use. All configurable from the command line.
@@ -82,10 +83,13 @@ pub struct Shared {
     /// Extensions that see every request and connection (none in `smesh proxy` yet).
     pub filters: Option<crate::filter::Filters>,
     pub connections: AtomicUsize,
-    /// This proxy's mesh identity, once it has one.
+    /// The mesh identity requests leaving this proxy present, once it has one (a sidecar:
+    /// its workload's, also in `identities`).
     pub tls: TlsHandle,
     /// Abandoned requests per client address.
     pub resets: Arc<ResetLimiter>,
+    /// Every identity this proxy serves mesh TLS for, chosen by the name the client sent.
+    pub identities: Arc<Identities>,
 }
 
 pub struct ListenerSpec {
@@ -97,103 +101,13 @@ pub struct ListenerSpec {
     pub tcp_only: bool,
 }
 
-/// Like [`bind`], but first makes sure nothing is listening there already: SO_REUSEPORT
-/// would otherwise let a second proxy of the same user share the port silently.
-pub fn bind_first(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let mut probe = addr;
-    if probe.ip().is_unspecified() {
-        probe.set_ip(match addr {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    if probe.port() != 0 && std::net::TcpStream::connect_timeout(&probe, Duration::from_millis(200)).is_ok() {
-        return Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            "address already in use (another process is listening on it)",
-        ));
-    }
-    bind(addr)
-}
-
-pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    Ok(socket.into())
-}
-
-/// Accepts until `shutdown` turns true, then closes the socket (new connections are refused)
-/// and lets open connections finish, up to `drain`.
-pub async fn accept_loop(
-    listener: std::net::TcpListener,
-    spec: Arc<ListenerSpec>,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-    drain: Duration,
-) {
-    let listener = match TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(listener = %spec.name, error = %e, "cannot use listener");
-            return;
-        }
-    };
-    let open = Arc::new(AtomicUsize::new(0));
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        // Out of descriptors and the like: back off instead of spinning.
-                        tracing::warn!(listener = %spec.name, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                if shared.resets.is_blocked(peer.ip()) {
-                    // Over --max-client-resets a moment ago: refused for a while.
-                    shared.metrics.connections_refused.with_label_values(&[&spec.name]).inc();
-                    continue;
-                }
-                if shared.connections.fetch_add(1, Ordering::Relaxed) >= shared.limits.max_connections {
-                    shared.connections.fetch_sub(1, Ordering::Relaxed);
-                    shared.metrics.connections_refused.with_label_values(&[&spec.name]).inc();
-                    continue;
-                }
-                shared.metrics.connections_active.inc();
-                open.fetch_add(1, Ordering::Relaxed);
-                let conn = Connection { spec: spec.clone(), shared: shared.clone(), peer, open: open.clone() };
-                let stop = shutdown.clone();
-                tokio::spawn(async move { conn.serve(stream, stop).await });
-            }
-            _ = stopped(&mut shutdown) => break,
-        }
-    }
-    drop(listener);
-    // Connections see the same signal and finish their current requests; poll until they
-    // are gone (shutdown path only).
-    let deadline = tokio::time::Instant::now() + drain;
-    while open.load(Ordering::Relaxed) > 0 {
-        if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(listener = %spec.name, open = open.load(Ordering::Relaxed), "drain timeout: closing remaining connections");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-struct Connection {
-    spec: Arc<ListenerSpec>,
-    shared: Arc<Shared>,
-    peer: SocketAddr,
+/// One accepted connection; counted in `open` and in [`Shared::connections`] until dropped.
+pub(super) struct Connection {
+    pub(super) spec: Arc<ListenerSpec>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) peer: SocketAddr,
     /// Open connections of this listener, for draining.
-    open: Arc<AtomicUsize>,
+    pub(super) open: Arc<AtomicUsize>,
 }
 
 impl Drop for Connection {
@@ -205,7 +119,7 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    async fn serve(self, mut stream: TcpStream, stop: watch::Receiver<bool>) {
+    pub(super) async fn serve(self, mut stream: TcpStream, stop: watch::Receiver<bool>) {
         let _ = stream.set_nodelay(true);
         let limits = &self.shared.limits;
         let (protocol, prefix) = if self.spec.tcp_only || self.upstream_is_tcp() {
@@ -235,14 +149,14 @@ impl Connection {
         let mut prefix = prefix;
         if matches!(self.spec.target, Target::Inbound(_)) {
             let strict = self.shared.config.load().mtls == smesh_model::MtlsMode::Strict;
-            match (protocol, self.shared.tls.load_full()) {
-                (Detected::Tls, Some(tls)) => {
-                    // A peer proxy's ClientHello names this proxy's identity; an app's own
-                    // TLS (permissive mode only) goes to the app untouched.
+            match (protocol, self.shared.identities.server()) {
+                (Detected::Tls, Some(server)) => {
+                    // A peer proxy's ClientHello names one of this proxy's identities; an
+                    // app's own TLS (permissive mode only) goes to the app untouched.
                     prefix = complete_tls_record(&mut stream, prefix, limits.detect_timeout).await;
-                    if strict || tls.is_mesh_hello(&prefix) != Some(false) {
+                    if strict || self.shared.identities.is_mesh_hello(&prefix) != Some(false) {
                         self.shared.metrics.inbound_connections[0].inc();
-                        return self.serve_mesh(PrefixedIo::new(prefix, stream), tls, stop).await;
+                        return self.serve_mesh(PrefixedIo::new(prefix, stream), server, stop).await;
                     }
                 }
                 (_, _) if strict => {
@@ -270,9 +184,15 @@ impl Connection {
         }
     }
 
-    /// Terminates mesh mTLS from a peer proxy, then serves what its ALPN says.
-    async fn serve_mesh(&self, io: PrefixedIo<TcpStream>, tls: Arc<MeshTls>, stop: watch::Receiver<bool>) {
-        let accept = tokio_rustls::TlsAcceptor::from(tls.server.clone()).accept(io);
+    /// Terminates mesh mTLS from a peer proxy, presenting the identity it named, then serves
+    /// what its ALPN says.
+    async fn serve_mesh(
+        &self,
+        io: PrefixedIo<TcpStream>,
+        server: Arc<rustls::ServerConfig>,
+        stop: watch::Receiver<bool>,
+    ) {
+        let accept = tokio_rustls::TlsAcceptor::from(server).accept(io);
         let stream = match tokio::time::timeout(self.shared.limits.idle_timeout, accept).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
