@@ -71,14 +71,20 @@ impl Dispatch<'_> {
             None => Vec::new(),
         };
         let too_large = || self.skipped_body_too_large();
-        let mut body = RequestBody::prepare(
-            body.into(),
-            retry.is_some(),
-            self.max_retry_body_bytes,
-            mirrors,
-            too_large,
-        )
-        .await?;
+        // Most requests have no body: kept as it is, without another future to wait on.
+        let mut body = match RequestBody::ended(body.into()) {
+            Ok(kept) => {
+                // Their mirrors have nothing to copy.
+                if let RequestBody::Kept(bytes) = &kept {
+                    mirrors(crate::route::mirror::MirrorBody::Kept(bytes));
+                }
+                kept
+            }
+            Err(body) => {
+                let limit = self.max_retry_body_bytes;
+                Box::pin(RequestBody::prepare(body, retry.is_some(), limit, mirrors, too_large)).await?
+            }
+        };
         // An inbound request that crossed the mesh as HTTP/2 says what its client spoke.
         let client_version = match parts.headers.remove(&ORIG_PROTO) {
             Some(v) if v.as_bytes() == b"HTTP/1.1" => Version::HTTP_11,

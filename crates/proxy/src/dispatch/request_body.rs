@@ -30,6 +30,17 @@ pub enum NoReplay {
 }
 
 impl RequestBody {
+    /// The common case without waiting: a body that has already ended (most requests) is
+    /// kept as it is; `Err` hands the body back for [`RequestBody::prepare`].
+    pub fn ended(body: ClientBody) -> Result<Self, ClientBody> {
+        if body.is_end_stream() {
+            // Nothing to keep: a try refused unprocessed, or a retry, sends it again.
+            Ok(RequestBody::Kept(Bytes::new()))
+        } else {
+            Err(body)
+        }
+    }
+
     /// `retry`: the route may retry. `mirror` starts the route's mirrors with the body they
     /// are to get and returns the senders of the streamed copies. `too_large` is called when
     /// a retry policy cannot apply because the body is too large to keep.
@@ -68,7 +79,7 @@ impl RequestBody {
             too_large();
         }
         Ok(RequestBody::Streamed(Some(if taps.is_empty() {
-            Body::Streaming(body)
+            body.into_streaming()
         } else {
             Body::Tee(Box::new(Tee::new(body, taps)))
         })))

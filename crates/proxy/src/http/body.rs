@@ -13,7 +13,9 @@ pub enum Body {
     /// Fully buffered (proxy-generated responses, bodies kept for retries).
     Full(Option<Bytes>),
     /// Streamed from the client as it arrives.
-    Streaming(ClientBody),
+    Streaming(Incoming),
+    /// Streamed from a client of another body type (a library caller's).
+    StreamingBoxed(BoxBody),
     /// An upstream response body; its connection goes back to the pool once the body is done.
     Upstream(Incoming, PoolReturn),
     /// A request body streamed while a copy is kept for retries.
@@ -46,6 +48,14 @@ impl From<Incoming> for ClientBody {
 }
 
 impl ClientBody {
+    /// The body to stream to one try (not kept, not mirrored).
+    pub fn into_streaming(self) -> Body {
+        match self {
+            ClientBody::Incoming(body) => Body::Streaming(body),
+            ClientBody::Boxed(body) => Body::StreamingBoxed(body),
+        }
+    }
+
     /// Any body, e.g. `http_body_util::Full<Bytes>` or a stream.
     pub fn new<B>(body: B) -> Self
     where
@@ -136,6 +146,7 @@ impl HttpBody for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Streaming(body) => from_client(Pin::new(body).poll_frame(cx)),
+            Body::StreamingBoxed(body) => from_client(body.as_mut().poll_frame(cx)),
             Body::Boxed(body) => body.as_mut().poll_frame(cx),
             Body::Upstream(body, done) => {
                 let frame = Pin::new(body).poll_frame(cx);
@@ -155,9 +166,8 @@ impl HttpBody for Body {
         match self {
             Body::Empty => true,
             Body::Full(data) => data.is_none(),
-            Body::Streaming(body) => body.is_end_stream(),
-            Body::Boxed(body) => body.is_end_stream(),
-            Body::Upstream(body, _) => body.is_end_stream(),
+            Body::Streaming(body) | Body::Upstream(body, _) => body.is_end_stream(),
+            Body::StreamingBoxed(body) | Body::Boxed(body) => body.is_end_stream(),
             Body::Replay(body) => body.is_end_stream(),
             Body::Tee(body) => body.is_end_stream(),
             Body::Tap(body) => body.is_end_stream(),
@@ -169,9 +179,8 @@ impl HttpBody for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-            Body::Streaming(body) => body.size_hint(),
-            Body::Boxed(body) => body.size_hint(),
-            Body::Upstream(body, _) => body.size_hint(),
+            Body::Streaming(body) | Body::Upstream(body, _) => body.size_hint(),
+            Body::StreamingBoxed(body) | Body::Boxed(body) => body.size_hint(),
             Body::Replay(body) => body.size_hint(),
             Body::Tee(body) => body.size_hint(),
             Body::Tap(body) => body.size_hint(),

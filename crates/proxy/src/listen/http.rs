@@ -61,10 +61,15 @@ type ClientUpgrade = Option<(hyper::upgrade::OnUpgrade, HeaderValue)>;
 impl HttpProxy {
     pub async fn handle(self, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let mut ctx = RequestCtx::new(self.direction, self.client, self.peer.clone());
-        let resp = match self.stages(&mut ctx, req).await {
+        let mut resp = match self.stages(&mut ctx, req).await {
             Ok(resp) | Err(resp) => resp,
         };
-        Ok(self.finish(ctx, resp))
+        self.finish(&ctx, &mut resp);
+        // Moved only when a consumer takes the event (most requests: none).
+        if self.shared.want(&ctx) {
+            resp = crate::listen::complete::watch(ctx, resp, &self.shared);
+        }
+        Ok(resp)
     }
 
     /// The request path. Each stage either hands the request on or answers it.
@@ -86,8 +91,16 @@ impl HttpProxy {
             .flatten()
             .min();
         let (parts, body, client_upgrade) = self.request_filters(ctx, req, &rule).await?;
-        let resp = self.dispatch(ctx, parts, body, &rule, client_upgrade.is_some()).await?;
-        Ok(self.response_filters(ctx, resp, &rule, client_upgrade))
+        let mut resp = match self
+            .dispatch(&rule)
+            .send(ctx, parts, body, client_upgrade.is_some())
+            .await
+        {
+            Ok(resp) => resp,
+            Err((error, detail)) => return Err(self.fail(ctx, error, &detail)),
+        };
+        self.response_filters(ctx, &mut resp, &rule, client_upgrade);
+        Ok(resp)
     }
 
     /// Head checks: `Host` (RFC 9112 3.2), gRPC-ness, the request line if a consumer wants it.
@@ -192,26 +205,15 @@ impl HttpProxy {
         Ok((parts, body, client_upgrade))
     }
 
-    /// The tries (see [`Dispatch`]).
-    async fn dispatch(
-        &self,
-        ctx: &mut RequestCtx,
-        parts: Parts,
-        body: Incoming,
-        rule: &Rule,
-        upgrade: bool,
-    ) -> Stage<Response<Body>> {
-        let dispatch = Dispatch {
+    /// The tries (see [`Dispatch`]), with this proxy's settings and identity.
+    fn dispatch<'a>(&'a self, rule: &'a Rule) -> Dispatch<'a> {
+        Dispatch {
             rule,
             connect_timeout: self.shared.limits.connect_timeout,
             max_retry_body_bytes: self.shared.limits.max_retry_body_bytes,
             mesh_tls: self.shared.tls.load_full(),
             metrics: &self.shared.metrics,
             filters: self.shared.filters.as_deref().unwrap_or_default(),
-        };
-        match dispatch.send(ctx, parts, body, upgrade).await {
-            Ok(resp) => Ok(resp),
-            Err((error, detail)) => Err(self.fail(ctx, error, &detail)),
         }
     }
 
@@ -219,23 +221,24 @@ impl HttpProxy {
     fn response_filters(
         &self,
         ctx: &mut RequestCtx,
-        mut resp: Response<Body>,
+        resp: &mut Response<Body>,
         rule: &Rule,
         client_upgrade: ClientUpgrade,
-    ) -> Response<Body> {
+    ) {
         if let Some(filters) = &rule.filters {
-            filters.on_response(&mut resp);
+            filters.on_response(resp);
         }
         let asked = client_upgrade.as_ref().map(|(_, protocol)| protocol);
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !switched_as_asked(&resp, asked) {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !switched_as_asked(resp, asked) {
             // A switch nobody asked for (an upgrade the proxy stripped, or another protocol
             // than the one offered) would make the connection a tunnel the proxy cannot read.
             let detail = "101 Switching Protocols to a protocol the proxy did not ask for";
-            return self.fail(ctx, ProxyError::UpstreamFailed, detail);
+            *resp = self.fail(ctx, ProxyError::UpstreamFailed, detail);
+            return;
         }
         match client_upgrade {
             Some((client, _)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                let upstream = hyper::upgrade::on(&mut resp);
+                let upstream = hyper::upgrade::on(&mut *resp);
                 let connection = self.connection(ctx, ConnectionKind::Upgrade);
                 tokio::spawn(async move {
                     match tokio::try_join!(client, upstream) {
@@ -248,20 +251,18 @@ impl HttpProxy {
             }
             _ => strip_hop_by_hop(resp.headers_mut()),
         }
-        resp
     }
 
-    /// Counts the response, runs the filters' response phase, and hands the response to
+    /// Counts the response and runs the filters' response phase; the caller then hands it to
     /// [`crate::listen::complete::watch`], which completes the request's event.
-    fn finish(&self, ctx: RequestCtx, mut resp: Response<Body>) -> Response<Body> {
+    fn finish(&self, ctx: &RequestCtx, resp: &mut Response<Body>) {
         if let Some(route) = &ctx.route {
             route.response(resp.status().as_u16());
             route.duration.observe(ctx.start.elapsed().as_secs_f64());
         }
         for filter in self.shared.filters.iter().flat_map(|f| f.iter()) {
-            filter.response_head(&ctx, &mut resp);
+            filter.response_head(ctx, resp);
         }
-        crate::listen::complete::watch(ctx, resp, &self.shared)
     }
 
     fn fail(&self, ctx: &mut RequestCtx, error: ProxyError, detail: &str) -> Response<Body> {
