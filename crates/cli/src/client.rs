@@ -4,7 +4,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use smesh_proxy::identity::control_tls::{ControlTrust, ControlUrl};
+use smesh_api::transport::{ControlTrust, ControlUrl};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;

@@ -10,9 +10,9 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use serde::{Deserialize, Serialize};
-use smesh_model::SpiffeId;
+use smesh_model::{certificate_spiffe_id, SpiffeId};
 use std::time::{Duration, SystemTime};
-use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Certificates start a little in the past so small clock differences do not reject them.
@@ -251,7 +251,7 @@ impl Ca {
             return Err("current certificate has expired; a new join token is needed".into());
         }
         let wanted = spiffe_id(&self.trust_domain, service);
-        if !uri_sans(&cert).contains(&wanted) {
+        if certificate_spiffe_id(&cert) != Some(wanted.as_str()) {
             return Err(format!("current certificate is not for {wanted}"));
         }
         if cert.public_key().subject_public_key.data.as_ref() != csr.public_key.der_bytes() {
@@ -441,20 +441,6 @@ pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
     base64::engine::general_purpose::STANDARD.decode(body).ok()
 }
 
-pub fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {
-    let mut out = Vec::new();
-    for ext in cert.extensions() {
-        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
-            for name in &san.general_names {
-                if let GeneralName::URI(uri) = name {
-                    out.push(uri.to_string());
-                }
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -476,7 +462,7 @@ mod tests {
         let (leaf, _) = ca.issue(&csr(&key), "api", Duration::from_secs(60)).unwrap();
         let der = pem_to_der(&leaf).unwrap();
         let (_, parsed) = X509Certificate::from_der(&der).unwrap();
-        assert_eq!(uri_sans(&parsed), vec!["spiffe://example.org/service/api".to_string()]);
+        assert_eq!(certificate_spiffe_id(&parsed), Some("spiffe://example.org/service/api"));
         ca.verify_renewal(&leaf, &csr(&key), "api").unwrap();
         assert!(ca
             .verify_renewal(&leaf, &csr(&key), "web")

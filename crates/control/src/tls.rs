@@ -208,9 +208,7 @@ impl ClientCertVerifier for SwappableVerifier {
 pub fn peer_certificate(cert: &CertificateDer<'_>) -> Option<PeerCertificate> {
     use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
-    let spiffe_id = crate::ca::uri_sans(&parsed)
-        .into_iter()
-        .find(|u| u.starts_with("spiffe://"))?;
+    let spiffe_id = smesh_model::certificate_spiffe_id(&parsed)?.to_string();
     let not_after = u64::try_from(parsed.validity().not_after.timestamp()).ok()?;
     Some(PeerCertificate {
         spiffe_id,

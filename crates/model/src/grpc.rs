@@ -170,6 +170,30 @@ impl GrpcCode {
     pub fn from_name(name: &str) -> Option<GrpcCode> {
         GrpcCode::ALL.into_iter().find(|c| c.name() == name)
     }
+
+    /// The number as text: a `grpc-status` header value made without formatting.
+    pub fn number(self) -> &'static str {
+        const NUMBERS: [&str; 17] = [
+            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+        ];
+        NUMBERS[self as usize]
+    }
+
+    /// The gRPC status an HTTP status stands for, as gRPC clients read a response that has no
+    /// `grpc-status` (gRPC's doc/http-grpc-status-mapping.md). The one HTTP-to-gRPC mapping:
+    /// injected aborts given only an HTTP status, GRPCRoute retries of non-gRPC answers and
+    /// the proxy's own errors (where their cause says no more) all use it, so a client sees
+    /// the same status whether the proxy or an intermediary answered.
+    pub fn from_http_status(status: u16) -> GrpcCode {
+        match status {
+            400 => GrpcCode::Internal,
+            401 => GrpcCode::Unauthenticated,
+            403 => GrpcCode::PermissionDenied,
+            404 => GrpcCode::Unimplemented,
+            429 | 502 | 503 | 504 => GrpcCode::Unavailable,
+            _ => GrpcCode::Unknown,
+        }
+    }
 }
 
 /// `#[serde(deserialize_with)]` for a `grpcStatus` given as a number (1-16, range checked
@@ -360,6 +384,29 @@ mod tests {
         );
         let again = crate::parse("stored", &json).expect("parses");
         assert_eq!(again[0].resource, items[1].resource);
+    }
+
+    #[test]
+    fn http_statuses_map_as_grpc_clients_read_them() {
+        use GrpcCode::*;
+        for (http, grpc) in [
+            (400, Internal),
+            (401, Unauthenticated),
+            (403, PermissionDenied),
+            (404, Unimplemented),
+            (429, Unavailable),
+            (502, Unavailable),
+            (503, Unavailable),
+            (504, Unavailable),
+            (500, Unknown),
+            (413, Unknown),
+            (200, Unknown),
+        ] {
+            assert_eq!(GrpcCode::from_http_status(http), grpc, "{http}");
+        }
+        for code in GrpcCode::ALL {
+            assert_eq!(code.number(), code.code().to_string());
+        }
     }
 
     #[test]

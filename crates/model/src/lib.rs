@@ -30,5 +30,5 @@ pub use qos::*;
 pub use ratelimit::*;
 pub use resources::*;
 pub use security::*;
-pub use spiffe::SpiffeId;
+pub use spiffe::{certificate_spiffe_id, SpiffeId};
 pub use validate::{validate, validate_name};

@@ -2,9 +2,11 @@
 //! DNS name the CA also puts in a certificate (`<name>.service.<trust-domain>`), which is what a
 //! proxy verifies as the TLS server name of a peer. The one place that knows the format: the
 //! CA builds it, discovery and authorization read the service back, the data plane turns it
-//! into a TLS name.
+//! into a TLS name; and the one place that reads it from a certificate.
 
 use std::fmt;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
 
 const SCHEME: &str = "spiffe://";
 const SERVICE_PATH: &str = "/service/";
@@ -54,6 +56,19 @@ impl SpiffeId {
     }
 }
 
+/// The SPIFFE ID a certificate carries: its first URI SAN that is a `spiffe://` URI (the CA
+/// puts exactly one there). Returned as written, whatever its path: the control plane's own
+/// certificate names `spiffe://<trust-domain>/control`, which is not a service identity.
+/// `None` without one, or when the SAN extension is malformed or repeated. Callers check the
+/// certificate's signature first: this only reads it.
+pub fn certificate_spiffe_id<'a>(cert: &'a X509Certificate<'_>) -> Option<&'a str> {
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        GeneralName::URI(uri) if uri.starts_with(SCHEME) => Some(*uri),
+        _ => None,
+    })
+}
+
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{SCHEME}{}{SERVICE_PATH}{}", self.trust_domain, self.service)
@@ -93,5 +108,40 @@ mod tests {
         }
         assert_eq!(SpiffeId::new("td", ""), None);
         assert_eq!(SpiffeId::new("a/b", "web"), None);
+    }
+
+    #[test]
+    fn reads_the_spiffe_id_from_a_certificate() {
+        use rcgen::{CertificateParams, KeyPair, SanType};
+        use x509_parser::prelude::FromDer;
+        let der = |sans: Vec<SanType>| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.subject_alt_names = sans;
+            params
+                .self_signed(&KeyPair::generate().unwrap())
+                .unwrap()
+                .der()
+                .to_vec()
+        };
+        let uri = |u: &str| SanType::URI(u.try_into().unwrap());
+        let read = |der: &[u8]| {
+            let (_, cert) = X509Certificate::from_der(der).unwrap();
+            certificate_spiffe_id(&cert).map(str::to_string)
+        };
+        // a leaf as the CA issues it: the URI SAN beside the DNS name
+        let leaf = der(vec![
+            SanType::DnsName("web.service.td".try_into().unwrap()),
+            uri("spiffe://td/service/web"),
+        ]);
+        assert_eq!(read(&leaf).as_deref(), Some("spiffe://td/service/web"));
+        // other URIs are skipped; the first spiffe:// one counts, whatever its path
+        let mixed = der(vec![
+            uri("https://example.org/"),
+            uri("spiffe://td/control"),
+            uri("spiffe://td/service/web"),
+        ]);
+        assert_eq!(read(&mixed).as_deref(), Some("spiffe://td/control"));
+        assert_eq!(read(&der(vec![uri("https://example.org/")])), None);
+        assert_eq!(read(&der(Vec::new())), None);
     }
 }

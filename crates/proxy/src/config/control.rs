@@ -5,6 +5,7 @@
 use crate::config::snapshot::Snapshot;
 use crate::telemetry::metrics::Metrics;
 use arc_swap::ArcSwap;
+use smesh_api::transport::{grpc_channel, ControlTrust};
 use smesh_api::v1::discovery_client::DiscoveryClient;
 use smesh_api::v1::{proxy_message, Ack, ConfigSnapshot, Goodbye, Hello, ProxyMessage};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +21,7 @@ pub struct ControlClient {
     /// Control replicas, tried in turn.
     pub urls: Vec<String>,
     /// For `https://` control planes; the stream presents this proxy's certificate.
-    pub trust: Option<crate::identity::control_tls::ControlTrust>,
+    pub trust: Option<ControlTrust>,
     pub identity: crate::identity::TlsHandle,
     /// Every identity this process holds: each trusts the bundle the control plane pushes.
     pub identities: Arc<crate::identity::table::Identities>,
@@ -81,11 +82,10 @@ impl ControlClient {
 
     async fn session(&mut self, url: &str, stop: &mut watch::Receiver<bool>) -> End {
         let identity = self.identity.load_full();
-        let channel =
-            match crate::identity::control_tls::grpc_channel(url, self.trust.as_ref(), identity.as_deref()).await {
-                Ok(c) => c,
-                Err(e) => return End::Lost(e, false),
-            };
+        let channel = match grpc_channel(url, self.trust.as_ref(), identity.as_deref()).await {
+            Ok(c) => c,
+            Err(e) => return End::Lost(e, false),
+        };
         let (tx, rx) = mpsc::channel(8);
         let hello = ProxyMessage {
             kind: Some(proxy_message::Kind::Hello(self.hello.clone())),

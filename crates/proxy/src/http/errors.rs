@@ -58,14 +58,20 @@ impl ProxyError {
         }
     }
 
+    /// Where the cause says more than the HTTP status, it decides, as gRPC itself answers
+    /// these: DEADLINE_EXCEEDED for a deadline, RESOURCE_EXHAUSTED for a quota or a size
+    /// limit; and UNAVAILABLE for an authority or route this proxy does not know (a 404 reads
+    /// as UNIMPLEMENTED, a method the server lacks, but the server was never asked; the e2e
+    /// tests pin this). The rest read their HTTP status as gRPC clients do.
     fn grpc_status(self) -> &'static str {
-        match self {
-            ProxyError::Timeout => "4",                                // DEADLINE_EXCEEDED
-            ProxyError::BadRequest => "13",                            // INTERNAL
-            ProxyError::BodyTooLarge | ProxyError::RateLimited => "8", // RESOURCE_EXHAUSTED
-            ProxyError::Forbidden => "7",                              // PERMISSION_DENIED
-            _ => "14",                                                 // UNAVAILABLE
-        }
+        use smesh_model::GrpcCode;
+        let code = match self {
+            ProxyError::Timeout => GrpcCode::DeadlineExceeded,
+            ProxyError::BodyTooLarge | ProxyError::RateLimited => GrpcCode::ResourceExhausted,
+            ProxyError::UnknownAuthority | ProxyError::NoRoute => GrpcCode::Unavailable,
+            _ => GrpcCode::from_http_status(self.status().as_u16()),
+        };
+        code.number()
     }
 
     pub fn response(self, detail: &str, grpc: bool) -> Response<Body> {

@@ -141,13 +141,9 @@ impl MeshTls {
 
 /// The SPIFFE ID in a peer's certificate (its URI SAN), once the handshake verified it.
 pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<String> {
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, cert) = X509Certificate::from_der(cert.as_ref()).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some(uri.to_string()),
-        _ => None,
-    })
+    smesh_model::certificate_spiffe_id(&cert).map(str::to_string)
 }
 
 /// Gets and renews one identity's certificate, installing each in the table.

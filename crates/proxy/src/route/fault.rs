@@ -43,7 +43,9 @@ impl Fault {
                     .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                 Abort {
                     http,
-                    grpc: a.grpc_status.unwrap_or_else(|| grpc_for_http(http.as_u16())),
+                    grpc: a
+                        .grpc_status
+                        .unwrap_or_else(|| smesh_model::GrpcCode::from_http_status(http.as_u16()).code()),
                     fraction: fraction(a.percent),
                 }
             }),
@@ -81,18 +83,6 @@ impl Fault {
     }
 }
 
-/// The usual mapping of an HTTP status to a gRPC status (as gRPC clients do).
-pub(crate) fn grpc_for_http(status: u16) -> u32 {
-    match status {
-        400 => 13,
-        401 => 16,
-        403 => 7,
-        404 => 12,
-        429 | 502..=504 => 14,
-        _ => 2,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,12 +95,5 @@ mod tests {
         assert!((3_400..4_600).contains(&hits), "{hits}");
         assert_eq!(fraction(None), 1.0);
         assert_eq!(fraction(Some(20.0)), 0.2);
-    }
-
-    #[test]
-    fn grpc_mapping() {
-        assert_eq!(grpc_for_http(503), 14);
-        assert_eq!(grpc_for_http(404), 12);
-        assert_eq!(grpc_for_http(500), 2);
     }
 }

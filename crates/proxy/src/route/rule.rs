@@ -58,7 +58,7 @@ impl RetryPolicy {
                         has(smesh_model::GrpcCode::Unavailable.code())
                             || has(smesh_model::GrpcCode::DeadlineExceeded.code())
                     }
-                    other => has(crate::route::fault::grpc_for_http(other)),
+                    other => has(smesh_model::GrpcCode::from_http_status(other).code()),
                 }
             }
         }
