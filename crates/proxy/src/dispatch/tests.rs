@@ -50,6 +50,13 @@ async fn upstream(answer: impl Fn(u32) -> (u16, Duration) + Send + Sync + 'stati
     Upstream { addr, seen }
 }
 
+/// 503 to the first request, 200 after.
+fn flaky_once() -> impl Fn(u32) -> (u16, Duration) + Send + Sync + 'static {
+    |n| (if n == 0 { 503 } else { 200 }, Duration::ZERO)
+}
+
+const RETRY_503: &str = "retry: {attempts: 2, codes: [503], backoff: 1ms}";
+
 fn always(status: u16) -> impl Fn(u32) -> (u16, Duration) + Send + Sync + 'static {
     move |_| (status, Duration::ZERO)
 }
@@ -134,14 +141,9 @@ fn skipped(metrics: &Metrics, reason: &str) -> u64 {
 
 #[tokio::test]
 async fn a_503_is_retried_with_the_kept_body() {
-    let up = upstream(|n| (if n == 0 { 503 } else { 200 }, Duration::ZERO)).await;
+    let up = upstream(flaky_once()).await;
     let metrics = Metrics::new();
-    let s = snapshot(
-        &metrics,
-        &[up.addr],
-        "retry: {attempts: 2, codes: [503], backoff: 1ms}",
-        "",
-    );
+    let s = snapshot(&metrics, &[up.addr], RETRY_503, "");
     let body = ClientBody::new(Full::new(Bytes::from_static(b"kept for the retry")));
     let (ctx, result) = send(&s, &metrics, body, 1024).await;
     assert_eq!(status(&result), 200);
@@ -245,14 +247,9 @@ async fn a_per_try_timeout_ends_each_try() {
 
 #[tokio::test]
 async fn a_body_too_large_to_keep_is_not_retried() {
-    let up = upstream(|n| (if n == 0 { 503 } else { 200 }, Duration::ZERO)).await;
+    let up = upstream(flaky_once()).await;
     let metrics = Metrics::new();
-    let s = snapshot(
-        &metrics,
-        &[up.addr],
-        "retry: {attempts: 2, codes: [503], backoff: 1ms}",
-        "",
-    );
+    let s = snapshot(&metrics, &[up.addr], RETRY_503, "");
     // A streamed body of unknown length that outgrows the 16 bytes kept for a retry.
     let chunks = (0..4).map(|_| Ok::<_, BodyError>(http_body::Frame::data(Bytes::from_static(&[b'x'; 16]))));
     let body = ClientBody::new(StreamBody::new(tokio_stream::iter(chunks)));

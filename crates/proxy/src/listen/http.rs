@@ -11,7 +11,7 @@ use crate::listen::server::Shared;
 use crate::resilience::ratelimit::RateLimits;
 use crate::route::rule::Rule;
 use crate::tcp;
-use crate::telemetry::event::{ConnectionKind, RequestCtx};
+use crate::telemetry::event::{ConnectionEvent, ConnectionKind, RequestCtx};
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
@@ -298,13 +298,11 @@ impl HttpProxy {
 
     /// An opaque connection this request turns into, reported when it closes.
     fn connection(&self, ctx: &RequestCtx, kind: ConnectionKind) -> tcp::Connection {
+        let mut event = ConnectionEvent::start(kind, self.direction, self.client, self.peer.clone());
+        event.destination = ctx.destination.clone();
+        event.upstream = ctx.endpoint;
         tcp::Connection {
-            kind,
-            direction: self.direction,
-            client: self.client,
-            peer: self.peer.clone(),
-            destination: ctx.destination.clone(),
-            upstream: ctx.endpoint,
+            event,
             metrics: self.shared.metrics.tcp(self.direction, kind.as_str()),
             report: self.shared.clone(),
         }

@@ -383,13 +383,12 @@ impl Connection {
                     return;
                 }
             };
+        use crate::telemetry::event::{ConnectionEvent, ConnectionKind};
+        let mut event = ConnectionEvent::start(ConnectionKind::Tcp, self.spec.direction, self.peer, peer);
+        event.destination = Some(Arc::from(service));
+        event.upstream = Some(addr);
         let connection = tcp::Connection {
-            kind: crate::telemetry::event::ConnectionKind::Tcp,
-            direction: self.spec.direction,
-            client: self.peer,
-            peer,
-            destination: Some(Arc::from(service)),
-            upstream: Some(addr),
+            event,
             metrics: self.shared.metrics.tcp(self.spec.direction, service),
             report: self.shared.clone(),
         };

@@ -6,7 +6,7 @@ use crate::http::errors::ProxyError;
 use crate::http::pool::{connect_maybe_tls, Io};
 use crate::identity::upstream::{Carry, Upstream};
 use crate::identity::MeshTls;
-use crate::telemetry::event::{ConnectionEvent, ConnectionKind, ConnectionSink};
+use crate::telemetry::event::{ConnectionEvent, ConnectionSink};
 use crate::telemetry::metrics::TcpMetrics;
 use http::Version;
 use std::net::SocketAddr;
@@ -42,14 +42,10 @@ pub async fn connect_any(
     Err((ProxyError::ConnectFailed, last_error))
 }
 
-/// An opaque connection about to be spliced, and where it is reported when it closes.
+/// An opaque connection about to be spliced: its event so far (who, where to), and where
+/// that event is reported when the connection closes.
 pub struct Connection {
-    pub kind: ConnectionKind,
-    pub direction: &'static str,
-    pub client: SocketAddr,
-    pub peer: Option<Arc<str>>,
-    pub destination: Option<Arc<str>>,
-    pub upstream: Option<SocketAddr>,
+    pub event: ConnectionEvent,
     pub metrics: TcpMetrics,
     pub report: Arc<dyn ConnectionSink>,
 }
@@ -57,33 +53,26 @@ pub struct Connection {
 impl Connection {
     /// Copies both ways until both sides are done; an EOF from one side is passed on as a
     /// write shutdown to the other, so half-closed connections keep working.
-    pub async fn splice<A, B>(self, mut client: A, mut upstream: B)
+    pub async fn splice<A, B>(mut self, mut client: A, mut upstream: B)
     where
         A: AsyncRead + AsyncWrite + Unpin,
         B: AsyncRead + AsyncWrite + Unpin,
     {
         self.metrics.opened.inc();
         let start = Instant::now();
-        let (from_client, to_client, error) = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            Ok((from_client, to_client)) => (from_client, to_client, None),
-            Err(e) => {
-                tracing::debug!(error = %e, "tcp connection ended with an error");
-                (0, 0, Some(e.to_string()))
+        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            Ok((from_client, to_client)) => {
+                self.event.bytes_from_client = from_client;
+                self.event.bytes_to_client = to_client;
             }
-        };
-        let event = ConnectionEvent {
-            kind: self.kind,
-            direction: self.direction,
-            client: self.client,
-            peer: self.peer,
-            destination: self.destination,
-            upstream: self.upstream,
-            bytes_from_client: from_client,
-            bytes_to_client: to_client,
-            duration: start.elapsed(),
-            error,
-        };
-        self.metrics.record(&event);
-        self.report.connection_done(&event);
+            Err(e) => {
+                // tokio does not say how much was copied before the error: counted as 0.
+                tracing::debug!(error = %e, "tcp connection ended with an error");
+                self.event.error = Some(e.to_string());
+            }
+        }
+        self.event.duration = start.elapsed();
+        self.metrics.record(&self.event);
+        self.report.connection_done(&self.event);
     }
 }

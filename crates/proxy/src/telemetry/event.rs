@@ -151,6 +151,24 @@ pub struct ConnectionEvent {
     pub error: Option<String>,
 }
 
+impl ConnectionEvent {
+    /// A connection about to start: nothing copied yet.
+    pub fn start(kind: ConnectionKind, direction: &'static str, client: SocketAddr, peer: Option<Arc<str>>) -> Self {
+        ConnectionEvent {
+            kind,
+            direction,
+            client,
+            peer,
+            destination: None,
+            upstream: None,
+            bytes_from_client: 0,
+            bytes_to_client: 0,
+            duration: Duration::ZERO,
+            error: None,
+        }
+    }
+}
+
 /// Where finished opaque connections are reported.
 pub trait ConnectionSink: Send + Sync {
     fn connection_done(&self, event: &ConnectionEvent);
