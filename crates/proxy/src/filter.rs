@@ -8,8 +8,8 @@
 //!
 //! Phases, in the order a request meets them (every method does nothing by default, so a
 //! filter implements only what it needs):
-//! 1. [`Filter::request_head`]: once routed and admitted, before rate limits and the
-//!    route's filters; may answer the request itself.
+//! 1. [`Filter::request_head`]: once routed, admitted and within its rate limits, before
+//!    the route's filters; may answer the request itself.
 //! 2. [`Filter::upstream_request`]: each try's request, just before it is sent (a retry
 //!    calls it again).
 //! 3. [`Filter::response_head`]: the response head on its way to the client.

@@ -59,47 +59,59 @@ type ClientUpgrade = Option<(hyper::upgrade::OnUpgrade, HeaderValue)>;
 // and pays nothing for the size, while boxing would allocate for every early answer.
 #[allow(clippy::result_large_err)]
 impl HttpProxy {
-    pub async fn handle(self, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    /// The request path, stage by stage; each stage either hands the request on or
+    /// answers it (`next!` takes the answer to `finish`). Written out in one function, not
+    /// awaited as a second one: every level of futures copies the one below it once per
+    /// request (callgrind).
+    pub async fn handle(self, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let mut ctx = RequestCtx::new(self.direction, self.client, self.peer.clone());
-        let mut resp = match self.stages(&mut ctx, req).await {
-            Ok(resp) | Err(resp) => resp,
+        let ctx = &mut ctx;
+        let mut resp = 'stages: {
+            macro_rules! next {
+                ($stage:expr) => {
+                    match $stage {
+                        Ok(next) => next,
+                        Err(answer) => break 'stages answer,
+                    }
+                };
+            }
+            next!(self.read_head(ctx, &mut req));
+            let (rule, inbound_limit) = match &self.target {
+                Target::Inbound(rule) => (rule.clone(), next!(self.admit(ctx, &req, rule))),
+                _ => match next!(self.route(ctx, &req)) {
+                    Routed::Rule(rule) => (rule, None),
+                    // Rare and with a large future: boxed, it does not weigh on every request's.
+                    Routed::Tunnel(balancer) => break 'stages Box::pin(self.tunnel(ctx, &mut req, &balancer)).await,
+                },
+            };
+            ctx.route = Some(rule.metrics.clone());
+            rule.metrics.requests.inc();
+            next!(self.rate_limit(ctx, &req, &rule, inbound_limit.as_deref()));
+            ctx.deadline = [rule.request_timeout, grpc_timeout(req.headers())]
+                .into_iter()
+                .flatten()
+                .min();
+            let (mut parts, body, client_upgrade) = next!(self.request_filters(ctx, req, &rule));
+            if let Some(filters) = &rule.filters {
+                // The route's filters: a redirect or an injected fault answers here.
+                if let Some(answer) = Box::pin(filters.on_request(&mut parts)).await {
+                    break 'stages answer;
+                }
+            }
+            let upgrade = client_upgrade.is_some();
+            let mut resp = match self.dispatch(&rule).send(ctx, parts, body, upgrade).await {
+                Ok(resp) => resp,
+                Err((error, detail)) => break 'stages self.fail(ctx, error, &detail),
+            };
+            self.response_filters(ctx, &mut resp, &rule, client_upgrade);
+            resp
         };
-        self.finish(&ctx, &mut resp);
+        self.finish(ctx, &mut resp);
         // Moved only when a consumer takes the event (most requests: none).
-        if self.shared.want(&ctx) {
+        if self.shared.want(ctx) {
+            let ctx = std::mem::replace(ctx, RequestCtx::new(self.direction, self.client, None));
             resp = crate::listen::complete::watch(ctx, resp, &self.shared);
         }
-        Ok(resp)
-    }
-
-    /// The request path. Each stage either hands the request on or answers it.
-    async fn stages(&self, ctx: &mut RequestCtx, mut req: Request<Incoming>) -> Stage<Response<Body>> {
-        self.read_head(ctx, &mut req)?;
-        let (rule, inbound_limit) = match &self.target {
-            Target::Inbound(rule) => (rule.clone(), self.admit(ctx, &req, rule)?),
-            _ => match self.route(ctx, &req)? {
-                Routed::Rule(rule) => (rule, None),
-                // Rare and with a large future: boxed, it does not weigh on every request's.
-                Routed::Tunnel(balancer) => return Ok(Box::pin(self.tunnel(ctx, &mut req, &balancer)).await),
-            },
-        };
-        ctx.route = Some(rule.metrics.clone());
-        rule.metrics.requests.inc();
-        self.rate_limit(ctx, &req, &rule, inbound_limit.as_deref())?;
-        ctx.deadline = [rule.request_timeout, grpc_timeout(req.headers())]
-            .into_iter()
-            .flatten()
-            .min();
-        let (parts, body, client_upgrade) = self.request_filters(ctx, req, &rule).await?;
-        let mut resp = match self
-            .dispatch(&rule)
-            .send(ctx, parts, body, client_upgrade.is_some())
-            .await
-        {
-            Ok(resp) => resp,
-            Err((error, detail)) => return Err(self.fail(ctx, error, &detail)),
-        };
-        self.response_filters(ctx, &mut resp, &rule, client_upgrade);
         Ok(resp)
     }
 
@@ -174,9 +186,9 @@ impl HttpProxy {
         Ok(())
     }
 
-    /// Hop-by-hop headers out, a permitted upgrade kept, then the filters: the proxy's
-    /// (`crate::filter`) and the route's (a redirect or an injected fault answers here).
-    async fn request_filters(
+    /// Hop-by-hop headers out, a permitted upgrade kept, then this proxy's filters
+    /// (`crate::filter`).
+    fn request_filters(
         &self,
         ctx: &mut RequestCtx,
         mut req: Request<Incoming>,
@@ -194,11 +206,6 @@ impl HttpProxy {
         }
         for filter in self.shared.filters.iter().flat_map(|f| f.iter()) {
             if let Some(resp) = filter.request_head(ctx, &mut parts) {
-                return Err(resp);
-            }
-        }
-        if let Some(filters) = &rule.filters {
-            if let Some(resp) = Box::pin(filters.on_request(&mut parts)).await {
                 return Err(resp);
             }
         }
