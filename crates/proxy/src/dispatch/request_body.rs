@@ -41,9 +41,10 @@ impl RequestBody {
         }
     }
 
-    /// `retry`: the route may retry. `mirror` starts the route's mirrors with the body they
-    /// are to get and returns the senders of the streamed copies. `too_large` is called when
-    /// a retry policy cannot apply because the body is too large to keep.
+    /// A body that has not ended (see [`RequestBody::ended`]). `retry`: the route may retry.
+    /// `mirror` starts the route's mirrors with the body they are to get and returns the
+    /// senders of the streamed copies. `too_large` is called when a retry policy cannot
+    /// apply because the body is too large to keep.
     pub async fn prepare(
         body: ClientBody,
         retry: bool,
@@ -51,13 +52,6 @@ impl RequestBody {
         mirror: impl FnOnce(MirrorBody<'_>) -> Vec<TapSender>,
         too_large: impl FnOnce(),
     ) -> Result<Self, Failure> {
-        if body.is_end_stream() {
-            // Nothing to keep: a try refused unprocessed, or a retry, sends it again.
-            let kept = Bytes::new();
-            let taps = mirror(MirrorBody::Kept(&kept));
-            debug_assert!(taps.is_empty());
-            return Ok(RequestBody::Kept(kept));
-        }
         if retry && body.size_hint().upper().is_some_and(|n| n <= limit) {
             return match Box::pin(Limited::new(body, limit as usize).collect()).await {
                 Ok(collected) => {

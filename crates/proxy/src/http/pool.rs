@@ -187,7 +187,9 @@ pub async fn send(
         // Between proxies: one multiplexed HTTP/2 connection, except for upgrades, which
         // need HTTP/1.1 (and become a tunnel).
         return if upgrade {
-            Box::pin(send_h1_tunnel(addr, req, connect_timeout, &mesh)).await
+            // A connection of its own, never pooled: it becomes the tunnel.
+            let io = connect_maybe_tls(addr, connect_timeout, Some(&mesh));
+            Box::pin(send_on_new_h1(io, addr, req, settings, true)).await
         } else {
             send_h2(addr, req, connect_timeout, Some(&mesh)).await
         };
@@ -209,17 +211,24 @@ pub async fn send(
             },
         }
     }
-    Box::pin(connect_h1_and_send(addr, req, settings, upgrade)).await
+    let io = connect(addr, settings.connect_timeout);
+    Box::pin(send_on_new_h1(io, addr, req, settings, upgrade)).await
 }
 
-/// A fresh HTTP/1.1 connection (boxed by the caller: see [`send_h2`]).
-async fn connect_h1_and_send(
+/// A request on a fresh HTTP/1.1 connection made by `connect` (all of it boxed by the
+/// caller, connect included: see [`send_h2`]); a failed connect hands the request back.
+/// `upgrade` keeps the connection out of the pool.
+async fn send_on_new_h1<I>(
+    connect: impl std::future::Future<Output = io::Result<I>>,
     addr: SocketAddr,
     req: Request<Body>,
     settings: PoolSettings,
     upgrade: bool,
-) -> Result<Response<Body>, SendError> {
-    let io = match connect(addr, settings.connect_timeout).await {
+) -> Result<Response<Body>, SendError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let io = match connect.await {
         Ok(io) => io,
         Err(e) => return Err(SendError::Connect(e, Box::new(req))),
     };
@@ -259,27 +268,6 @@ fn pooled_response(
         PoolReturn(Some(Box::new((addr, sender, settings))))
     };
     resp.map(|body| Body::Upstream(body, back))
-}
-
-/// An HTTP/1.1 request over mesh mTLS on a connection of its own (an upgrade); `mesh`
-/// carries the identity's HTTP/1.1 client configuration.
-async fn send_h1_tunnel(
-    addr: SocketAddr,
-    req: Request<Body>,
-    connect_timeout: Duration,
-    mesh: &Mesh,
-) -> Result<Response<Body>, SendError> {
-    let io = match connect_maybe_tls(addr, connect_timeout, Some(mesh)).await {
-        Ok(io) => io,
-        Err(e) => return Err(SendError::Connect(e, Box::new(req))),
-    };
-    let mut sender = h1_handshake(io, addr)
-        .await
-        .map_err(|e| SendError::Upstream(e.into()))?;
-    match sender.send_request(req).await {
-        Ok(resp) => Ok(resp.map(|b| Body::Upstream(b, PoolReturn::none()))),
-        Err(e) => Err(SendError::Upstream(e.into())),
-    }
 }
 
 async fn send_h2(

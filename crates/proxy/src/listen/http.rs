@@ -65,7 +65,6 @@ impl HttpProxy {
     /// request (callgrind).
     pub async fn handle(self, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let mut ctx = RequestCtx::new(self.direction, self.client, self.peer.clone());
-        let ctx = &mut ctx;
         let mut resp = 'stages: {
             macro_rules! next {
                 ($stage:expr) => {
@@ -75,23 +74,25 @@ impl HttpProxy {
                     }
                 };
             }
-            next!(self.read_head(ctx, &mut req));
+            next!(self.read_head(&mut ctx, &mut req));
             let (rule, inbound_limit) = match &self.target {
-                Target::Inbound(rule) => (rule.clone(), next!(self.admit(ctx, &req, rule))),
-                _ => match next!(self.route(ctx, &req)) {
+                Target::Inbound(rule) => (rule.clone(), next!(self.admit(&mut ctx, &req, rule))),
+                _ => match next!(self.route(&mut ctx, &req)) {
                     Routed::Rule(rule) => (rule, None),
                     // Rare and with a large future: boxed, it does not weigh on every request's.
-                    Routed::Tunnel(balancer) => break 'stages Box::pin(self.tunnel(ctx, &mut req, &balancer)).await,
+                    Routed::Tunnel(balancer) => {
+                        break 'stages Box::pin(self.tunnel(&mut ctx, &mut req, &balancer)).await
+                    }
                 },
             };
             ctx.route = Some(rule.metrics.clone());
             rule.metrics.requests.inc();
-            next!(self.rate_limit(ctx, &req, &rule, inbound_limit.as_deref()));
+            next!(self.rate_limit(&mut ctx, &req, &rule, inbound_limit.as_deref()));
             ctx.deadline = [rule.request_timeout, grpc_timeout(req.headers())]
                 .into_iter()
                 .flatten()
                 .min();
-            let (mut parts, body, client_upgrade) = next!(self.request_filters(ctx, req, &rule));
+            let (mut parts, body, client_upgrade) = next!(self.request_filters(&mut ctx, req, &rule));
             if let Some(filters) = &rule.filters {
                 // The route's filters: a redirect or an injected fault answers here.
                 if let Some(answer) = Box::pin(filters.on_request(&mut parts)).await {
@@ -99,17 +100,16 @@ impl HttpProxy {
                 }
             }
             let upgrade = client_upgrade.is_some();
-            let mut resp = match self.dispatch(&rule).send(ctx, parts, body, upgrade).await {
+            let mut resp = match self.dispatch(&rule).send(&mut ctx, parts, body, upgrade).await {
                 Ok(resp) => resp,
-                Err((error, detail)) => break 'stages self.fail(ctx, error, &detail),
+                Err((error, detail)) => break 'stages self.fail(&mut ctx, error, &detail),
             };
-            self.response_filters(ctx, &mut resp, &rule, client_upgrade);
+            self.response_filters(&mut ctx, &mut resp, &rule, client_upgrade);
             resp
         };
-        self.finish(ctx, &mut resp);
+        self.finish(&ctx, &mut resp);
         // Moved only when a consumer takes the event (most requests: none).
-        if self.shared.want(ctx) {
-            let ctx = std::mem::replace(ctx, RequestCtx::new(self.direction, self.client, None));
+        if self.shared.want(&ctx) {
             resp = crate::listen::complete::watch(ctx, resp, &self.shared);
         }
         Ok(resp)
