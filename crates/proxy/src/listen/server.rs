@@ -375,11 +375,13 @@ impl Connection {
         };
         let tls = self.shared.tls.load_full();
         let (upstream, addr) =
-            match tcp::connect_any(balancer, self.shared.limits.connect_timeout, tls.as_deref()).await {
+            match tcp::connect_any(service, balancer, self.shared.limits.connect_timeout, tls.as_deref()).await {
                 Ok(connected) => connected,
-                Err((error, detail)) => {
-                    tracing::debug!(service, %detail, "tcp connect failed");
-                    self.shared.metrics.proxy_error(self.spec.direction, error.reason());
+                Err(failure) => {
+                    tracing::debug!(service, %failure, "tcp connect failed");
+                    self.shared
+                        .metrics
+                        .proxy_error(self.spec.direction, failure.error.reason());
                     return;
                 }
             };
