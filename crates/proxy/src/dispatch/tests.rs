@@ -8,8 +8,8 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 use tokio::net::TcpListener;
 
