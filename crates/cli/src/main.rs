@@ -4,6 +4,7 @@ mod client;
 mod commands;
 mod demo;
 mod malloc;
+mod prometheus;
 mod up;
 
 use clap::{Args, Parser, Subcommand};
@@ -107,6 +108,20 @@ enum Command {
         /// The file to check.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+    },
+    /// Print a Prometheus scrape configuration for every proxy connected to the control plane.
+    PrometheusConfig {
+        /// `file-sd`: a file_sd_configs target list (JSON); `static`: a whole prometheus.yml.
+        #[arg(long, default_value = "file-sd")]
+        format: String,
+        /// The scrape job's name (`static`).
+        #[arg(long, default_value = "smesh-proxies")]
+        job: String,
+        /// The scrape interval (`static`).
+        #[arg(long, default_value = "15s")]
+        interval: String,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Start a demo on this machine: sample services behind a proxy. Ctrl-C stops it all.
     Up(up::UpArgs),
@@ -438,6 +453,14 @@ fn main() -> ExitCode {
                 KvCommand::Delete { key } => commands::kv_delete(&c, &key).await,
                 KvCommand::Watch { prefix, index } => commands::kv_watch(&c, &prefix, index).await,
             }
+        }),
+        Command::PrometheusConfig {
+            format,
+            job,
+            interval,
+            remote,
+        } => with_control(remote, |c| async move {
+            prometheus::run(&c, &format, &job, &interval).await
         }),
         Command::Up(args) => up::run(args),
         Command::DemoApp(args) => demo::run(args),

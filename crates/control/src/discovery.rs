@@ -134,6 +134,7 @@ impl Session {
             service: endpoint.service.clone(),
             address: endpoint.address.clone(),
             identity: endpoint.identity.clone(),
+            admin: hello.admin_address.clone(),
             control: replica,
             last_seen: now_secs(),
             ..Default::default()

@@ -253,5 +253,6 @@ fn hello(options: &ProxyOptions, workload: Option<&Workload>, identity: String) 
         endpoint: workload.and_then(|w| w.endpoint(identity)),
         lease_ttl_ms: options.lease_ttl.map_or(0, |d| d.as_millis() as u64),
         applied_version: 0,
+        admin_address: options.admin.to_string(),
     }
 }
