@@ -4,7 +4,7 @@
 
 use crate::balance::Balancer;
 use crate::dispatch::Dispatch;
-use crate::http::body::Body;
+use crate::http::body::{Body, ClientBody};
 use crate::http::errors::{Failure, ProxyError};
 use crate::http::headers::{authority, grpc_timeout, is_grpc, strip_hop_by_hop, tunnelled_upgrade};
 use crate::listen::server::Shared;
@@ -15,7 +15,6 @@ use crate::telemetry::event::{ConnectionEvent, ConnectionKind, RequestCtx};
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -62,8 +61,9 @@ impl HttpProxy {
     /// The request path, stage by stage; each stage either hands the request on or
     /// answers it (`next!` takes the answer to `finish`). Written out in one function, not
     /// awaited as a second one: every level of futures copies the one below it once per
-    /// request (callgrind).
-    pub async fn handle(self, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    /// request (callgrind). Generic over the request body: a server connection's
+    /// (`Incoming`), or an embedded caller's ([`ClientBody`]), the same stages for both.
+    pub async fn handle<B: Into<ClientBody>>(self, mut req: Request<B>) -> Result<Response<Body>, Infallible> {
         let mut ctx = RequestCtx::new(self.direction, self.client, self.peer.clone());
         let mut resp = 'stages: {
             macro_rules! next {
@@ -116,7 +116,7 @@ impl HttpProxy {
     }
 
     /// Head checks: `Host` (RFC 9112 3.2), gRPC-ness, the request line if a consumer wants it.
-    fn read_head(&self, ctx: &mut RequestCtx, req: &mut Request<Incoming>) -> Stage<()> {
+    fn read_head<B>(&self, ctx: &mut RequestCtx, req: &mut Request<B>) -> Stage<()> {
         ctx.grpc = is_grpc(req);
         if self.shared.want_head() {
             ctx.keep_head(req, authority(req));
@@ -126,7 +126,7 @@ impl HttpProxy {
 
     /// Inbound: authorization with the verified peer identity; on success, this proxy's share
     /// of its Service's BackendPolicy `rateLimit`.
-    fn admit(&self, ctx: &mut RequestCtx, req: &Request<Incoming>, rule: &Rule) -> Stage<Option<Arc<RateLimits>>> {
+    fn admit<B>(&self, ctx: &mut RequestCtx, req: &Request<B>, rule: &Rule) -> Stage<Option<Arc<RateLimits>>> {
         use crate::config::authz::{decide_inbound, Decision};
         rule.metrics.inbound_tls(self.peer.is_some());
         let snapshot = self.shared.config.load();
@@ -143,7 +143,7 @@ impl HttpProxy {
     }
 
     /// Outbound: the Service (by authority, or the listener's), then its matching rule.
-    fn route(&self, ctx: &mut RequestCtx, req: &Request<Incoming>) -> Stage<Routed> {
+    fn route<B>(&self, ctx: &mut RequestCtx, req: &Request<B>) -> Stage<Routed> {
         let snapshot = self.shared.config.load();
         let service = match &self.target {
             Target::Upstream(name) => snapshot.service(name),
@@ -167,10 +167,10 @@ impl HttpProxy {
     }
 
     /// The Service's inbound limit, then the route's RateLimit filters.
-    fn rate_limit(
+    fn rate_limit<B>(
         &self,
         ctx: &mut RequestCtx,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         rule: &Rule,
         inbound: Option<&RateLimits>,
     ) -> Stage<()> {
@@ -189,12 +189,12 @@ impl HttpProxy {
 
     /// Hop-by-hop headers out, a permitted upgrade kept, then this proxy's filters
     /// (`crate::filter`).
-    fn request_filters(
+    fn request_filters<B>(
         &self,
         ctx: &mut RequestCtx,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
         rule: &Rule,
-    ) -> Stage<(Parts, Incoming, ClientUpgrade)> {
+    ) -> Stage<(Parts, B, ClientUpgrade)> {
         let upgrade = tunnelled_upgrade(&req, &rule.upgrades, self.peer.is_some()).cloned();
         let client_upgrade = upgrade.map(|protocol| (hyper::upgrade::on(&mut req), protocol));
         let (mut parts, body) = req.into_parts();
@@ -281,7 +281,7 @@ impl HttpProxy {
     }
 
     /// `CONNECT service:port`: a TCP tunnel to one of the service's endpoints.
-    async fn tunnel(&self, ctx: &mut RequestCtx, req: &mut Request<Incoming>, balancer: &Balancer) -> Response<Body> {
+    async fn tunnel<B>(&self, ctx: &mut RequestCtx, req: &mut Request<B>, balancer: &Balancer) -> Response<Body> {
         let tls = self.shared.tls.load_full();
         let service = ctx.destination.clone().unwrap_or_default();
         let timeout = self.shared.limits.connect_timeout;
