@@ -1,0 +1,88 @@
+//! `orders`: a program with the mesh linked in. It calls another Service through the mesh
+//! (balancing, retries and mTLS as the resources say), prints what happened as one JSON
+//! line, then serves the mesh's admin endpoints until SIGTERM or Ctrl-C.
+//!
+//! ```text
+//! orders --control http://127.0.0.1:4190 --service orders --token-file orders.token \
+//!        --target inventory --requests 20 --admin 127.0.0.1:9901 [--control-ca ca.pem]
+//! orders --config mesh.yaml --target inventory
+//! ```
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+struct Args {
+    builder: smesh::Builder,
+    target: String,
+    requests: usize,
+}
+
+fn args() -> Result<Args, String> {
+    let mut builder = smesh::Mesh::builder();
+    let (mut target, mut requests) = (None, 10);
+    let mut argv = std::env::args().skip(1);
+    while let Some(flag) = argv.next() {
+        let mut value = || argv.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--control" => builder = builder.control(value()?),
+            "--config" => builder = builder.config_file(value()?),
+            "--service" => builder = builder.service(value()?),
+            "--token-file" => builder = builder.token_file(value()?),
+            "--control-ca" => builder = builder.control_ca(value()?),
+            "--admin" => {
+                let addr: SocketAddr = value()?.parse().map_err(|e| format!("--admin: {e}"))?;
+                builder = builder.admin(addr);
+            }
+            "--target" => target = Some(value()?),
+            "--requests" => requests = value()?.parse().map_err(|e| format!("--requests: {e}"))?,
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    let target = target.ok_or("--target SERVICE is required")?;
+    Ok(Args {
+        builder,
+        target,
+        requests,
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = args()?;
+    let mesh = args.builder.connect().await?;
+    let client = mesh.http_client();
+    let (mut ok, mut errors) = (0usize, Vec::new());
+    let mut backends: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..args.requests {
+        let req = http::Request::get(format!("http://{}/orders/{i}", args.target)).body(Empty::<Bytes>::new())?;
+        match client.request(req).await {
+            Ok(resp) if resp.status().is_success() => {
+                ok += 1;
+                // The test backends name themselves in `x-backend`.
+                let backend = resp.headers().get("x-backend").and_then(|v| v.to_str().ok());
+                *backends.entry(backend.unwrap_or("?").to_string()).or_default() += 1;
+                // Read to the end: the connection goes back to the pool.
+                resp.into_body().collect().await?;
+            }
+            Ok(resp) => errors.push(format!("status {}", resp.status())),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    let backends: Vec<String> = backends.iter().map(|(k, v)| format!("{k:?}: {v}")).collect();
+    let errors: Vec<String> = errors.iter().map(|e| format!("{e:?}")).collect();
+    println!(
+        "{{\"ok\": {ok}, \"errors\": [{}], \"backends\": {{{}}}, \"spiffe_id\": {:?}}}",
+        errors.join(", "),
+        backends.join(", "),
+        mesh.spiffe_id().unwrap_or_default()
+    );
+    // Stays registered, with its metrics served, until told to stop.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
+}

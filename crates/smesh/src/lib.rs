@@ -1,0 +1,105 @@
+//! smesh linked into a Rust program: the mesh's client side without a proxy hop.
+//!
+//! A [`Mesh`] is the code of the `smesh proxy` sidecar, run inside the program: the same
+//! configuration resources (from a control plane or a file), the same SPIFFE identity from
+//! a join token (renewed), the same request stages and the same metric names. It registers
+//! with the control plane like a proxy (it is listed by `smesh get proxies`) and keeps
+//! working on its last configuration while the control plane is away.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), smesh::Error> {
+//! let mesh = smesh::Mesh::builder()
+//!     .control("http://127.0.0.1:4190")
+//!     .service("orders")
+//!     .token_file("orders.token")
+//!     .connect()
+//!     .await?;
+//! let client = mesh.http_client();
+//! let req = http::Request::get("http://inventory/items/7")
+//!     .body(String::new())
+//!     .expect("a valid request");
+//! let resp = client.request(req).await?;
+//! println!("{}", resp.status());
+//! print!("{}", mesh.metrics_text());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # How a request goes
+//!
+//! [`HttpClient::request`] runs the outbound port's stages on the calling task: the Service
+//! is found by the request's authority (`http://inventory/...` or its `Host`), then its
+//! route's rule; rate limits, filters and the route's timeouts apply; then the tries, as
+//! in the proxy: load shedding, the circuit breaker, a P2C EWMA pick (or the Service's
+//! balancer), mTLS with this program's identity to endpoints fronted by smesh proxies,
+//! outlier detection, retries with the BackendPolicy's budget. The application's answer is
+//! returned whatever its status; an answer the mesh makes itself is an [`Error`]. Requests
+//! are counted in the proxy's families with `direction="outbound"`
+//! (`smesh_requests_total`, `smesh_request_duration_seconds`, ...): see
+//! [`Mesh::metrics_text`] and [`Builder::admin`].
+//!
+//! # Runtimes and threads
+//!
+//! A mesh runs its background tasks (configuration, certificate renewal, active health
+//! checks, the admin server) on the tokio runtime [`Builder::connect`] is called on; they
+//! stop when the [`Mesh`] and every client of it are dropped. Requests may be sent from any
+//! task of a multi-threaded runtime: configuration, balancer and breaker state are shared
+//! by all threads, while upstream connections are pooled per runtime thread (the proxy's
+//! worker-owned pools), without a lock on the request path. So a program with N runtime
+//! threads keeps up to N sets of connections to each endpoint, one per thread that has
+//! called it, and a connection is reused by the next request on the thread where the
+//! previous response ended. Idle connections are closed after their idle timeout on the
+//! thread the mesh started on; on the others, when next found or when the endpoint closes
+//! them.
+//!
+//! # Not yet
+//!
+//! Serving inbound calls (`mesh.serve(listener, app)`: mTLS termination, authorization and
+//! inbound metrics) and a gRPC channel are not in this version: inbound traffic still needs
+//! a sidecar, and this program registers no endpoint (its `smesh get proxies` entry has no
+//! service or address). Upgrades (WebSocket) and `CONNECT` are not supported by the client.
+
+mod body;
+mod builder;
+mod client;
+mod error;
+
+pub use body::Body;
+pub use builder::Builder;
+pub use client::HttpClient;
+pub use error::Error;
+
+use smesh_proxy::embed::Embedded;
+use std::sync::Arc;
+
+/// The mesh in this program: made by [`Mesh::builder`], used through its clients.
+pub struct Mesh {
+    inner: Arc<Embedded>,
+}
+
+impl Mesh {
+    /// Options for [`Builder::connect`].
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+
+    /// A client that sends requests through the mesh (see [how a request
+    /// goes](crate#how-a-request-goes)); as many as wanted, all sharing this mesh.
+    pub fn http_client(&self) -> HttpClient {
+        HttpClient {
+            mesh: self.inner.clone(),
+        }
+    }
+
+    /// The metrics in the Prometheus text format, with the proxy's names.
+    pub fn metrics_text(&self) -> String {
+        self.inner.metrics_text()
+    }
+
+    /// This program's SPIFFE ID (`spiffe://<trust domain>/service/<name>`), once the
+    /// control plane has certified it; `None` without a certificate (then calls to mesh
+    /// endpoints are plaintext, and strict ones refuse them).
+    pub fn spiffe_id(&self) -> Option<String> {
+        self.inner.spiffe_id()
+    }
+}
