@@ -8,11 +8,12 @@
 use crate::app::admin::Admin;
 use crate::app::health::HealthChecks;
 use crate::app::source::{control_trust, first_snapshot, Source};
+use crate::app::workload::Workload;
 use crate::http::resets::ResetLimiter;
 use crate::identity::table::Identities;
 use crate::identity::TlsHandle;
 use crate::listen::http::{HttpProxy, Target};
-use crate::listen::server::Shared;
+use crate::listen::server::{ListenerSpec, Shared};
 use crate::telemetry::metrics::Metrics;
 use arc_swap::ArcSwap;
 use http::{Request, Response};
@@ -25,11 +26,15 @@ use tokio::sync::watch;
 pub use crate::app::options::ProxyOptions;
 pub use crate::http::body::{Body, BodyError, ClientBody};
 pub use crate::http::errors::PROXY_ERROR_HEADER;
+pub use crate::listen::http::{LocalApp, LocalFuture};
 pub use crate::listen::server::Limits;
 
 /// The client address an embedded caller's requests are accounted to (rate limits by client
 /// address see every call of the process as one local client).
 const CALLER: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+/// How long connections an inbound listener accepted may finish once the mesh stops.
+const DRAIN: Duration = Duration::from_secs(5);
 
 /// How often [`Embedded::configured`] looks at the flag the control-plane client sets.
 const CONFIGURED_POLL: Duration = Duration::from_millis(10);
@@ -40,19 +45,28 @@ pub struct Embedded {
     shared: Arc<Shared>,
     admin: Arc<Admin>,
     stop: watch::Sender<bool>,
+    /// The Service this process is, if any (its inbound traffic's label and identity).
+    service: Option<Arc<str>>,
 }
 
 impl Embedded {
     /// Starts on the current tokio runtime, as `smesh proxy` would with `options` but
-    /// without listeners (`outbound`, `inbound`, `app`, `upstreams`, `workers`, `access_log`
-    /// are ignored). With a control plane and a `service`, returns once the identity agent
-    /// has its first certificate or knows it cannot get one. `admin`: a bound socket to
-    /// serve `/metrics`, `/ready`, `/live` and `/config` on, announced to the control plane.
+    /// without listeners (`outbound`, `upstreams`, `workers`, `access_log` are ignored).
+    /// With `inbound` (and `advertise`): the endpoint registered for `service`, whose
+    /// calls [`Embedded::serve`] takes (`app` is not used). With a control plane and a
+    /// `service`, returns once the identity agent has its first certificate or knows it
+    /// cannot get one. `admin`: a bound socket to serve `/metrics`, `/ready`, `/live` and
+    /// `/config` on, announced to the control plane.
     pub async fn start(options: ProxyOptions, admin: Option<std::net::TcpListener>) -> Result<Embedded, String> {
         let metrics = Metrics::new();
         let identities = Arc::new(Identities::default());
         let identity = options.service.as_deref().map(|service| identities.add(service));
-        let config = Arc::new(ArcSwap::from_pointee(first_snapshot(&options, None, &metrics)?));
+        let workload = Workload::sidecar(&options, &identities);
+        let config = Arc::new(ArcSwap::from_pointee(first_snapshot(
+            &options,
+            workload.as_ref(),
+            &metrics,
+        )?));
         let trust = control_trust(&options)?;
         let tls: TlsHandle = identity.as_ref().map(|i| i.tls.clone()).unwrap_or_default();
         let shared = Arc::new(Shared {
@@ -96,7 +110,7 @@ impl Embedded {
         tokio::spawn(crate::http::pool::close_idle_forever(stop_rx.clone()));
         let source = Source {
             options: &options,
-            workload: None,
+            workload: workload.as_ref(),
             config,
             metrics,
             trust,
@@ -112,6 +126,7 @@ impl Embedded {
             shared,
             admin: admin_state,
             stop,
+            service: options.service.as_deref().map(Arc::from),
         })
     }
 
@@ -146,6 +161,37 @@ impl Embedded {
             Ok(resp) => resp,
             Err(never) => match never {},
         }
+    }
+
+    /// Serves `app` on `listener` (a bound socket) until the mesh stops, with the inbound
+    /// port's stages: mesh mTLS (the peer's SPIFFE ID), the Service's authorization
+    /// policies and inbound rate limit, and inbound metrics; plaintext too unless the mesh
+    /// is strict. Only HTTP: a peer's opaque TCP stream is closed.
+    pub fn serve(&self, listener: std::net::TcpListener, app: Arc<dyn LocalApp>) -> Result<(), String> {
+        listener.set_nonblocking(true).map_err(|e| format!("listener: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| format!("listener: {e}"))?;
+        // The inbound rule of a workload at this address: its Service (or `app`) names the
+        // authorization policies and the metrics; its one endpoint is never dialled.
+        let workload = Workload {
+            service: self.service.clone(),
+            app: addr,
+            app_protocol: None,
+            inbound: addr,
+            advertise: addr,
+            labels: Default::default(),
+            identity: None,
+            inbound_limit: self.service.is_some(),
+        };
+        let spec = Arc::new(ListenerSpec {
+            name: "inbound".into(),
+            direction: "inbound",
+            target: Target::Local(workload.inbound_rule(&self.shared.metrics), app),
+            tcp_only: false,
+        });
+        let accept =
+            crate::listen::accept::accept_loop(listener, spec, self.shared.clone(), self.stop.subscribe(), DRAIN);
+        tokio::spawn(accept);
+        Ok(())
     }
 
     /// The Prometheus text exposition, as the proxy's `/metrics` serves it.

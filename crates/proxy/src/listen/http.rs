@@ -4,7 +4,7 @@
 
 use crate::balance::Balancer;
 use crate::dispatch::Dispatch;
-use crate::http::body::{Body, ClientBody};
+use crate::http::body::{Body, BodyError, ClientBody};
 use crate::http::errors::{Failure, ProxyError};
 use crate::http::headers::{authority, grpc_timeout, is_grpc, strip_hop_by_hop, tunnelled_upgrade};
 use crate::listen::server::Shared;
@@ -29,7 +29,19 @@ pub enum Target {
     Upstream(Arc<str>),
     /// To the local application.
     Inbound(Arc<Rule>),
+    /// To an application in this process (the embedded mesh's inbound side): the stages of
+    /// `Inbound` (the rule: its Service, for authorization and metrics), then a call.
+    Local(Arc<Rule>, Arc<dyn LocalApp>),
 }
+
+/// An application in this process, called with each request an inbound listener admitted.
+pub trait LocalApp: Send + Sync {
+    /// Its answer; an error is the proxy's `502 upstream failed`.
+    fn call(&self, req: Request<ClientBody>) -> LocalFuture;
+}
+
+/// What a [`LocalApp`] call gives back.
+pub type LocalFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, BodyError>> + Send>>;
 
 #[derive(Clone)]
 pub struct HttpProxy {
@@ -76,7 +88,9 @@ impl HttpProxy {
             }
             next!(self.read_head(&mut ctx, &mut req));
             let (rule, inbound_limit) = match &self.target {
-                Target::Inbound(rule) => (rule.clone(), next!(self.admit(&mut ctx, &req, rule))),
+                Target::Inbound(rule) | Target::Local(rule, _) => {
+                    (rule.clone(), next!(self.admit(&mut ctx, &req, rule)))
+                }
                 _ => match next!(self.route(&mut ctx, &req)) {
                     Routed::Rule(rule) => (rule, None),
                     // Rare and with a large future: boxed, it does not weigh on every request's.
@@ -100,7 +114,15 @@ impl HttpProxy {
                 }
             }
             let upgrade = client_upgrade.is_some();
-            let mut resp = match self.dispatch(&rule).send(&mut ctx, parts, body, upgrade).await {
+            let sent = match &self.target {
+                // Boxed already (a trait object's future): nothing added to this one's size.
+                Target::Local(_, app) => app.call(Request::from_parts(parts, body.into())).await.map_err(|e| {
+                    let detail = format!("the application failed: {e}");
+                    Failure::said(ProxyError::UpstreamFailed, detail)
+                }),
+                _ => self.dispatch(&rule).send(&mut ctx, parts, body, upgrade).await,
+            };
+            let mut resp = match sent {
                 Ok(resp) => resp,
                 Err(failure) => break 'stages self.fail(&mut ctx, failure),
             };
