@@ -164,3 +164,60 @@ def test_library_keeps_calling_without_the_control_plane_and_resyncs(run):
     assert [p for p in cp2.proxies() if p["proxy_id"].startswith("orders-")], cp2.proxies()
     after = rounds(orders)[-3:]
     assert all(r["ok"] == 5 and r["errors"] == [] for r in after), after
+
+
+SERVED = """apiVersion: smesh.io/v1
+kind: Service
+metadata: {name: orders}
+spec: {ports: [{port: 80, protocol: http}]}
+---
+apiVersion: smesh.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-calls-orders}
+spec:
+  targetRef: {name: orders}
+  rules: [{from: [{service: web}]}]
+"""
+
+
+@pytest.mark.timeout(120)
+def test_library_serves_inbound_calls_under_authorization_and_registers_its_endpoint(run):
+    assert os.path.exists(EXAMPLE_BIN), f"{EXAMPLE_BIN} missing: cargo build --workspace --examples"
+    cp = run.control(extra_args=["--trust-domain", TD])
+    r = cp.cli("apply", "-f", "-", input=SERVED)
+    assert r.returncode == 0, r.stderr
+    port, admin = free_port(), free_port()
+    run.spawn([EXAMPLE_BIN, "--control", cp.url, "--service", "orders",
+               "--token-file", token_file(run, cp, "orders", "orders"),
+               "--serve", f"{LOOPBACK}:{port}", "--admin", f"{LOOPBACK}:{admin}"],
+              "orders", env={**os.environ, "RUST_LOG": "info"})
+    address = f"{LOOPBACK}:{port}"
+    wait_until(lambda: [e for e in cp.endpoints("orders") if e["address"] == address], 30, interval=0.1,
+               what="the library's endpoint registered")
+    ep = [e for e in cp.endpoints("orders") if e["address"] == address][0]
+    assert ep["identity"] == f"spiffe://{TD}/service/orders", ep
+    mine = [p for p in cp.proxies() if p["service"] == "orders"]
+    assert len(mine) == 1 and mine[0]["address"] == address, cp.proxies()
+
+    callers = {}
+    for name in ("web", "evil"):
+        app = run.http_backend(f"{name}-app")
+        callers[name] = run.mesh_proxy([cp.url], service=name, app_port=app.port, name=f"{name}-proxy",
+                                       extra_args=["--token-file", token_file(run, cp, name, name)])
+
+    def served_through(name):
+        resp = callers[name].get("/orders/7", host="orders", timeout=5)
+        return resp if resp.status != 503 else None  # not yet routed: the endpoint is on its way
+    resp = wait_until(lambda: served_through("web"), 10, what="web's call to orders")
+    assert resp.status == 200 and resp.header("x-backend") == "orders-library", resp
+    assert resp.body.decode() == "orders: GET /orders/7\n", resp
+    # another service is denied by the library's inbound side, over mTLS, before the app
+    resp = callers["evil"].get("/orders/8", host="orders", timeout=5)
+    assert resp.status == 403 and resp.header("smesh-proxy-error") == "forbidden", resp
+    assert f"spiffe://{TD}/service/evil" in resp.body.decode(), resp
+    # and a plaintext caller without an identity too
+    assert http_request(port, "/orders/9", host="orders").status == 403
+
+    samples = library_metrics(admin)
+    assert metric_sum(samples, "smesh_requests_total", direction="inbound", service="orders") == 1
+    assert metric_sum(samples, "smesh_inbound_requests_by_tls_total", service="orders", tls="true") == 2

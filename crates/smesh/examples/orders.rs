@@ -1,11 +1,13 @@
-//! `orders`: a program with the mesh linked in. It calls another Service through the mesh
-//! (balancing, retries and mTLS as the resources say) in rounds, prints what happened in
-//! each as one JSON line, then serves the mesh's admin endpoints until SIGTERM or Ctrl-C.
+//! `orders`: a program with the mesh linked in. It serves its own calls behind the mesh
+//! (`--serve`: mTLS, authorization, registered as an endpoint of `--service`), calls
+//! another Service through the mesh (balancing, retries and mTLS as the resources say) in
+//! rounds, prints what happened in each as one JSON line, then serves until SIGTERM or
+//! Ctrl-C.
 //!
 //! ```text
 //! orders --control http://127.0.0.1:4190 --service orders --token-file orders.token \
-//!        --target inventory --requests 20 --admin 127.0.0.1:9901 [--control-ca ca.pem]
-//!        [--rounds 1 --pause-ms 0]
+//!        [--target inventory --requests 20 --rounds 1 --pause-ms 0] \
+//!        [--serve 127.0.0.1:8080] [--admin 127.0.0.1:9901] [--control-ca ca.pem]
 //! orders --config mesh.yaml --target inventory
 //! ```
 
@@ -16,7 +18,8 @@ use std::net::SocketAddr;
 
 struct Args {
     builder: smesh::Builder,
-    target: String,
+    serve: Option<std::net::TcpListener>,
+    target: Option<String>,
     requests: usize,
     rounds: usize,
     pause: std::time::Duration,
@@ -25,6 +28,7 @@ struct Args {
 fn args() -> Result<Args, String> {
     let mut builder = smesh::Mesh::builder();
     let (mut target, mut requests, mut rounds, mut pause_ms) = (None, 10, 1, 0);
+    let mut serve = None;
     let mut argv = std::env::args().skip(1);
     while let Some(flag) = argv.next() {
         let mut value = || argv.next().ok_or(format!("{flag} needs a value"));
@@ -39,15 +43,23 @@ fn args() -> Result<Args, String> {
                 builder = builder.admin(addr);
             }
             "--target" => target = Some(value()?),
+            "--serve" => {
+                // Bound first: the address is registered when the mesh connects.
+                let addr = value()?;
+                let listener = std::net::TcpListener::bind(&addr).map_err(|e| format!("--serve {addr}: {e}"))?;
+                let local = listener.local_addr().map_err(|e| format!("--serve {addr}: {e}"))?;
+                builder = builder.advertise(local);
+                serve = Some(listener);
+            }
             "--requests" => requests = value()?.parse().map_err(|e| format!("--requests: {e}"))?,
             "--rounds" => rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
             "--pause-ms" => pause_ms = value()?.parse().map_err(|e| format!("--pause-ms: {e}"))?,
             other => return Err(format!("unknown argument {other}")),
         }
     }
-    let target = target.ok_or("--target SERVICE is required")?;
     Ok(Args {
         builder,
+        serve,
         target,
         requests,
         rounds,
@@ -59,16 +71,35 @@ fn args() -> Result<Args, String> {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = args()?;
     let mesh = args.builder.connect().await?;
+    if let Some(listener) = args.serve {
+        mesh.serve(listener, tower::service_fn(app))?;
+    }
     let client = mesh.http_client();
+    let Some(target) = args.target else {
+        return until_stopped().await;
+    };
     for round in 0..args.rounds {
         if round > 0 {
             tokio::time::sleep(args.pause).await;
         }
-        let line = call_round(&client, &args.target, args.requests).await?;
+        let line = call_round(&client, &target, args.requests).await?;
         let spiffe_id = mesh.spiffe_id().unwrap_or_default();
         println!("{{\"round\": {round}, {line}, \"spiffe_id\": {spiffe_id:?}}}");
     }
-    // Stays registered, with its metrics served, until told to stop.
+    until_stopped().await
+}
+
+/// This program's own answer to the calls it serves: who it is and what was asked.
+async fn app(req: http::Request<smesh::Body>) -> Result<http::Response<String>, smesh::Error> {
+    let text = format!("orders: {} {}\n", req.method(), req.uri().path());
+    let resp = http::Response::builder()
+        .header("x-backend", "orders-library")
+        .body(text);
+    Ok(resp.expect("a valid response"))
+}
+
+/// Stays registered, with its metrics served, until told to stop.
+async fn until_stopped() -> Result<(), Box<dyn std::error::Error>> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}

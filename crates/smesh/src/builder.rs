@@ -20,6 +20,7 @@ pub struct Builder {
     token_file: Option<PathBuf>,
     control_ca: Option<PathBuf>,
     admin: Option<SocketAddr>,
+    advertise: Option<SocketAddr>,
     first_config_timeout: Duration,
 }
 
@@ -32,6 +33,7 @@ impl Builder {
             token_file: None,
             control_ca: None,
             admin: None,
+            advertise: None,
             first_config_timeout: FIRST_CONFIG_TIMEOUT,
         }
     }
@@ -74,6 +76,14 @@ impl Builder {
     /// address, and announce it to the control plane (as `smesh prometheus-config` uses).
     pub fn admin(mut self, addr: SocketAddr) -> Self {
         self.admin = Some(addr);
+        self
+    }
+
+    /// The address other services' proxies reach this program's [`Mesh::serve`] listener
+    /// at: registered with the control plane as an endpoint of [`Builder::service`] (with
+    /// its SPIFFE ID) from [`Builder::connect`] on, under a lease it keeps renewing.
+    pub fn advertise(mut self, addr: SocketAddr) -> Self {
+        self.advertise = Some(addr);
         self
     }
 
@@ -126,14 +136,16 @@ impl Builder {
             config: self.config_file,
             control: self.control,
             labels: Default::default(),
-            advertise: None,
+            advertise: self.advertise,
             lease_ttl: None,
             max_config_bytes: 16 << 20,
             join_token,
             control_ca: self.control_ca,
             outbound: None,
-            inbound: None,
-            app: None,
+            // The embedded mesh registers `inbound` as `service`'s endpoint; the app is in
+            // this process (`Mesh::serve`), so `app` is only there to say there is one.
+            inbound: self.advertise,
+            app: self.advertise,
             app_protocol: None,
             service: self.service,
             upstreams: Vec::new(),

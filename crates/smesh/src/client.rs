@@ -32,12 +32,16 @@ impl HttpClient {
     {
         let (parts, body) = req.into_parts();
         let req = Request::from_parts(parts, ClientBody::new(body));
-        answer(self.mesh.send(req).await)
+        answer(self.mesh.send(req).await).await
     }
 }
 
-/// The application's answer, or the mesh's own as an error.
-fn answer(resp: Response<embed::Body>) -> Result<Response<Body>, Error> {
+/// The mesh's words on a failure are short; a longer body is not read past this.
+const MAX_DETAIL_BYTES: usize = 4096;
+
+/// The application's answer, or the mesh's own as an error (this process's, or the
+/// destination's proxy's: a denial, an unreachable app).
+async fn answer(resp: Response<embed::Body>) -> Result<Response<Body>, Error> {
     // A gRPC call gets the mesh's answer as gRPC does (a `grpc-status`), a response.
     let grpc = resp.headers().contains_key("grpc-status");
     let Some(reason) = resp.headers().get(PROXY_ERROR_HEADER).filter(|_| !grpc) else {
@@ -45,15 +49,15 @@ fn answer(resp: Response<embed::Body>) -> Result<Response<Body>, Error> {
     };
     let reason = String::from_utf8_lossy(reason.as_bytes()).into_owned();
     let status = resp.status();
-    // The mesh's answers are made in memory: their text is there to take, no reading.
-    let detail = match resp.into_body() {
-        embed::Body::Full(Some(text)) => String::from_utf8_lossy(&text).trim().to_string(),
-        _ => String::new(),
+    let limited = http_body_util::Limited::new(resp.into_body(), MAX_DETAIL_BYTES);
+    let text = match http_body_util::BodyExt::collect(limited).await {
+        Ok(collected) => String::from_utf8_lossy(&collected.to_bytes()).trim().to_string(),
+        Err(_) => String::new(),
     };
     // Worded "<reason>: <detail>"; the reason is kept apart.
-    let detail = match detail.strip_prefix(reason.as_str()) {
+    let detail = match text.strip_prefix(reason.as_str()) {
         Some(rest) => rest.trim_start_matches(':').trim().to_string(),
-        None => detail,
+        None => text,
     };
     Err(Error::mesh(status, reason, detail))
 }
@@ -85,13 +89,13 @@ mod tests {
     use super::*;
     use http::StatusCode;
 
-    #[test]
-    fn the_mesh_s_own_answer_is_an_error_with_its_status_and_reason() {
+    #[tokio::test]
+    async fn the_mesh_s_own_answer_is_an_error_with_its_status_and_reason() {
         let mut resp = Response::new(embed::Body::full("no endpoints: api has none\n"));
         *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         resp.headers_mut()
             .insert(PROXY_ERROR_HEADER, "no endpoints".parse().unwrap());
-        let e = answer(resp).unwrap_err();
+        let e = answer(resp).await.unwrap_err();
         assert_eq!(e.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
         assert_eq!(e.reason(), Some("no endpoints"));
         assert_eq!(
@@ -100,11 +104,11 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_application_s_answer_is_ok_whatever_its_status() {
+    #[tokio::test]
+    async fn the_application_s_answer_is_ok_whatever_its_status() {
         let mut resp = Response::new(embed::Body::full("busy"));
         *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        let resp = answer(resp).unwrap();
+        let resp = answer(resp).await.unwrap();
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -52,25 +52,32 @@
 //! thread the mesh started on; on the others, when next found or when the endpoint closes
 //! them.
 //!
+//! # Serving
+//!
+//! [`Mesh::serve`] puts a `tower::Service` of this program behind the inbound port's stages
+//! (mTLS, authorization, rate limit, metrics) in this process: no proxy hop either way. With
+//! [`Builder::advertise`], the program registers its endpoint like a sidecar does.
+//!
 //! # Not yet
 //!
-//! Serving inbound calls (`mesh.serve(listener, app)`: mTLS termination, authorization and
-//! inbound metrics) and a gRPC channel are not in this version: inbound traffic still needs
-//! a sidecar, and this program registers no endpoint (its `smesh get proxies` entry has no
-//! service or address). Upgrades (WebSocket) and `CONNECT` are not supported by the client.
+//! A gRPC channel (`mesh.grpc_channel(...)`), upgrades (WebSocket) and `CONNECT` through the
+//! client, opaque TCP inbound. Without [`Builder::advertise`] the program registers no
+//! endpoint, and its `smesh get proxies` entry has no service, address or identity.
 
 mod body;
 mod builder;
 mod client;
 mod error;
+mod serve;
 
 pub use body::Body;
 pub use builder::Builder;
 pub use client::HttpClient;
 pub use error::Error;
 
+use bytes::Bytes;
 use smesh_proxy::embed::Embedded;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The mesh in this program: made by [`Mesh::builder`], used through its clients.
 pub struct Mesh {
@@ -89,6 +96,26 @@ impl Mesh {
         HttpClient {
             mesh: self.inner.clone(),
         }
+    }
+
+    /// Serves `app` on `listener` in the background until the mesh stops, behind the
+    /// inbound port's stages: mesh mTLS (callers' SPIFFE IDs verified), the Service's
+    /// AuthorizationPolicies (a denied caller gets 403 without reaching `app`) and inbound
+    /// rate limit, inbound metrics (`direction="inbound"`). Plaintext callers are served too
+    /// unless the mesh's mTLS mode is strict. HTTP/1.1 and HTTP/2 (no opaque TCP).
+    ///
+    /// Give the builder [`Builder::advertise`] with this listener's address so that the
+    /// control plane lists the endpoint and other services' proxies call it.
+    pub fn serve<S, B>(&self, listener: std::net::TcpListener, app: S) -> Result<(), Error>
+    where
+        S: tower::Service<http::Request<Body>, Response = http::Response<B>> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let app = Arc::new(serve::App(Mutex::new(app)));
+        self.inner.serve(listener, app).map_err(Error::start)
     }
 
     /// The metrics in the Prometheus text format, with the proxy's names.
