@@ -97,7 +97,10 @@ impl Builder {
     /// Starts the mesh on the current tokio runtime: reads the file, or gets the service's
     /// certificate with the join token and then its configuration from the control plane.
     /// Returns once the first configuration is in place; an error if the options are wrong
-    /// or no configuration came within [`Builder::first_config_timeout`].
+    /// or no configuration came within [`Builder::first_config_timeout`]. With a join
+    /// token, the certificate comes first: asked for for up to 30 s while the control plane
+    /// is unreachable (a refused token is not asked again), so that the endpoint is
+    /// registered with its SPIFFE ID; without one, calls to mesh endpoints are plaintext.
     ///
     /// # Panics
     ///
