@@ -1,5 +1,6 @@
 //! The HTTP client: a request goes through the outbound port's stages in this process.
 
+use crate::body::SyncBody;
 use crate::{Body, Error};
 use bytes::Bytes;
 use http::{Request, Response};
@@ -27,11 +28,11 @@ impl HttpClient {
     /// reason a sidecar would have answered with.
     pub async fn request<B>(&self, req: Request<B>) -> Result<Response<Body>, Error>
     where
-        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (parts, body) = req.into_parts();
-        let req = Request::from_parts(parts, ClientBody::new(body));
+        let req = Request::from_parts(parts, ClientBody::new(SyncBody::new(body)));
         answer(self.mesh.send(req).await).await
     }
 }
@@ -65,7 +66,7 @@ async fn answer(resp: Response<embed::Body>) -> Result<Response<Body>, Error> {
 /// The client as a [`tower::Service`], for middleware stacks and clients built on them.
 impl<B> tower::Service<Request<B>> for HttpClient
 where
-    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Response = Response<Body>;

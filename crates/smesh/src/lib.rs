@@ -60,8 +60,10 @@
 //!
 //! # Not yet
 //!
-//! A gRPC channel (`mesh.grpc_channel(...)`), upgrades (WebSocket) and `CONNECT` through the
-//! client, opaque TCP inbound. Without [`Builder::advertise`] the program registers no
+//! A gRPC channel (`mesh.grpc_channel(...)`): [`HttpClient`] already has the type a
+//! tonic-generated client takes as its transport (`tonic::client::GrpcService`, checked
+//! when the crate's tests compile), but gRPC calls and deadlines through it are not tested
+//! yet. Upgrades (WebSocket) and `CONNECT` through the client; opaque TCP inbound. Without [`Builder::advertise`] the program registers no
 //! endpoint, and its `smesh get proxies` entry has no service, address or identity.
 
 mod body;
@@ -111,7 +113,7 @@ impl Mesh {
         S: tower::Service<http::Request<Body>, Response = http::Response<B>> + Clone + Send + 'static,
         S::Future: Send,
         S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let app = Arc::new(serve::App(Mutex::new(app)));

@@ -1,6 +1,7 @@
 //! Inbound: an application of this program, as a `tower::Service`, behind the inbound port's
 //! stages (see [`crate::Mesh::serve`]).
 
+use crate::body::SyncBody;
 use crate::Body;
 use bytes::Bytes;
 use http::{Request, Response};
@@ -18,7 +19,7 @@ where
     S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BodyError>,
-    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BodyError>,
 {
     fn call(&self, req: Request<ClientBody>) -> LocalFuture {
@@ -30,7 +31,7 @@ where
         Box::pin(async move {
             let req = req.map(|body| Body::new(body.into_streaming()));
             let resp = service.oneshot(req).await.map_err(Into::into)?;
-            Ok(resp.map(|body| embed::Body::Boxed(Box::pin(body.map_err(Into::into)))))
+            Ok(resp.map(|body| embed::Body::Boxed(Box::pin(SyncBody::new(body.map_err(Into::into))))))
         })
     }
 }

@@ -152,16 +152,15 @@ async fn serves_an_app_in_process_under_the_service_s_authorization() {
         .unwrap();
     let app = tower::service_fn(|req: Request<smesh::Body>| async move {
         let body = req.into_body().collect().await?.to_bytes();
-        Ok::<_, smesh::Error>(Response::new(Full::new(Bytes::from(format!(
-            "got {} bytes",
-            body.len()
-        )))))
+        // Bodies need not be `Sync` (tonic's are not), on either side.
+        let answer = Full::new(Bytes::from(format!("got {} bytes", body.len()))).boxed_unsync();
+        Ok::<_, smesh::Error>(Response::new(answer))
     });
     mesh.serve(listener, app).unwrap();
     let client = mesh.http_client();
     let call = || async {
         let req = Request::post("http://orders/new")
-            .body(Full::new(Bytes::from_static(b"12345")))
+            .body(Full::new(Bytes::from_static(b"12345")).boxed_unsync())
             .unwrap();
         client.request(req).await
     };
