@@ -38,6 +38,13 @@
 //! (`smesh_requests_total`, `smesh_request_duration_seconds`, ...): see
 //! [`Mesh::metrics_text`] and [`Builder::admin`].
 //!
+//! # gRPC
+//!
+//! [`Mesh::grpc_channel`] gives a tonic-generated client its transport
+//! (`InventoryClient::new(mesh.grpc_channel("inventory")?)`): calls take the same path,
+//! with the call's deadline passed on (`grpc-timeout`, less the time spent in the mesh) and
+//! the mesh's failures as gRPC statuses.
+//!
 //! # Runtimes and threads
 //!
 //! A mesh runs its background tasks (configuration, certificate renewal, active health
@@ -60,22 +67,23 @@
 //!
 //! # Not yet
 //!
-//! A gRPC channel (`mesh.grpc_channel(...)`): [`HttpClient`] already has the type a
-//! tonic-generated client takes as its transport (`tonic::client::GrpcService`, checked
-//! when the crate's tests compile), but gRPC calls and deadlines through it are not tested
-//! yet. Upgrades (WebSocket) and `CONNECT` through the client; opaque TCP inbound. Without [`Builder::advertise`] the program registers no
+//! gRPC streaming calls through [`GrpcChannel`] are not tested yet (unary calls with a
+//! deadline are). Upgrades (WebSocket) and `CONNECT` through the client; opaque TCP
+//! inbound. Without [`Builder::advertise`] the program registers no
 //! endpoint, and its `smesh get proxies` entry has no service, address or identity.
 
 mod body;
 mod builder;
 mod client;
 mod error;
+mod grpc;
 mod serve;
 
 pub use body::Body;
 pub use builder::Builder;
 pub use client::HttpClient;
 pub use error::Error;
+pub use grpc::GrpcChannel;
 
 use bytes::Bytes;
 use smesh_proxy::embed::Embedded;
@@ -98,6 +106,12 @@ impl Mesh {
         HttpClient {
             mesh: self.inner.clone(),
         }
+    }
+
+    /// A channel to `service` for tonic-generated gRPC clients (see [`GrpcChannel`]); an
+    /// error if `service` cannot be a URI authority.
+    pub fn grpc_channel(&self, service: &str) -> Result<GrpcChannel, Error> {
+        GrpcChannel::new(self.http_client(), service)
     }
 
     /// Serves `app` on `listener` in the background until the mesh stops, behind the
