@@ -1,6 +1,8 @@
 //! `smesh up`: the demo mesh on this machine. A control plane on its embedded store, three
 //! services (`web` calling `api`, which runs as v1 and v2 and calls the TCP service `db`),
-//! each behind its own `smesh proxy`, and a gentle load. Ctrl-C stops all of it.
+//! each behind its own `smesh proxy`, and a gentle load. Ctrl-C stops all of it. With
+//! `--library`, web has the mesh linked in instead of a proxy (the `smesh` library), on
+//! web's proxy's port.
 
 use clap::Args;
 use std::io::{Read, Write};
@@ -24,6 +26,9 @@ pub struct UpArgs {
     /// Do not send the background trickle of demo requests.
     #[arg(long)]
     no_load: bool,
+    /// Run web in library mode: the mesh linked into it (no proxy), serving on BASE.
+    #[arg(long)]
+    library: bool,
 }
 
 /// Every child, stopped by PID when this is dropped (and by the kernel if we die first).
@@ -204,8 +209,28 @@ pub fn run(args: UpArgs) -> Result<(), String> {
         &app("api", "v2", &api_v2, &[s("--call-tcp"), db_via_v2.to_string()]),
         &logs,
     )?;
-    let web_extra = [s("--call"), s("api"), s("--via"), web.outbound.to_string()];
-    children.spawn(&exe, "web", &app("web", "v1", &web, &web_extra), &logs)?;
+    if args.library {
+        // web serves on its proxy's port itself, and calls api through the linked-in mesh.
+        let token = join_token(&exe, &remote, "web", &logs.join("web.token"))?;
+        let library = Proxy {
+            app: web.outbound,
+            ..proxy(0)
+        };
+        let web_extra = [
+            s("--call"),
+            s("api"),
+            s("--mesh-control"),
+            control_url.clone(),
+            s("--mesh-control-ca"),
+            control_ca.display().to_string(),
+            s("--mesh-token-file"),
+            token.display().to_string(),
+        ];
+        children.spawn(&exe, "web", &app("web", "v1", &library, &web_extra), &logs)?;
+    } else {
+        let web_extra = [s("--call"), s("api"), s("--via"), web.outbound.to_string()];
+        children.spawn(&exe, "web", &app("web", "v1", &web, &web_extra), &logs)?;
+    }
 
     let proxy_args = |service: &str, version: &str, p: &Proxy, upstream: Option<SocketAddr>| {
         let mut a = vec![
@@ -241,13 +266,22 @@ pub fn run(args: UpArgs) -> Result<(), String> {
         ("proxy-api-v2", "api", "v2", &api_v2, Some(db_via_v2)),
         ("proxy-db", "db", "v1", &db, None),
     ];
+    // In library mode web has no proxy.
+    let proxies = proxies
+        .into_iter()
+        .filter(|(name, ..)| !(args.library && *name == "proxy-web"));
     for (name, service, version, p, upstream) in proxies {
         let token = join_token(&exe, &remote, service, &logs.join(format!("{name}.token")))?;
         let mut args = proxy_args(service, version, p, upstream);
         args.extend([s("--token-file"), token.display().to_string()]);
         children.spawn(&exe, name, &args, &logs)?;
     }
-    for p in [&web, &api_v1, &api_v2, &db] {
+    let ready: &[&Proxy] = if args.library {
+        &[&api_v1, &api_v2, &db]
+    } else {
+        &[&web, &api_v1, &api_v2, &db]
+    };
+    for p in ready {
         wait_for("a proxy", Duration::from_secs(10), || {
             http_ok(p.admin, "/ready", "admin").is_some()
         })?;
@@ -347,6 +381,27 @@ fn join_token(exe: &Path, remote: &Remote, service: &str, path: &Path) -> Result
 
 fn print_banner(args: &UpArgs, control: SocketAddr, web: &Proxy, remote: &Remote, logs: &Path) {
     let web_out = web.outbound;
+    if args.library {
+        println!(
+            r#"
+smesh demo mesh is up, web in library mode (the mesh linked in, no proxy).
+  control plane    https://{control}   (state, admin token and CA certificate in {data})
+  web              http://{web_out}   (its own port: mTLS, authorization and metrics in process)
+  logs             {logs}/
+
+Try:
+  curl http://{web_out}/hello          # web -> api (80% v1, 20% v2) -> db (TCP), all on mTLS
+  export SMESH_CONTROL=https://{control} SMESH_TOKEN_FILE={token} SMESH_CONTROL_CA={ca}
+  smesh get proxies; smesh get endpoints web
+
+Ctrl-C stops everything."#,
+            data = args.data.display(),
+            token = remote.token_file.display(),
+            ca = remote.ca.display(),
+            logs = logs.display(),
+        );
+        return;
+    }
     println!(
         r#"
 smesh demo mesh is up.
