@@ -105,8 +105,8 @@ impl Embedded {
             connect_timeout: options.limits.connect_timeout,
         };
         tokio::spawn(health.run(stop_rx.clone()));
-        // Frees the idle upstream connections of the runtime thread it runs on; the other
-        // threads' expired ones are skipped and closed at their next checkout.
+        // Frees the expired idle upstream connections of whichever runtime thread it runs
+        // on at each tick; the others' are skipped and closed at their next checkout.
         tokio::spawn(crate::http::pool::close_idle_forever(stop_rx.clone()));
         let source = Source {
             options: &options,

@@ -1,4 +1,4 @@
-//! smesh linked into a Rust program: the mesh's client side without a proxy hop.
+//! smesh linked into a Rust program: the mesh's client and server sides without a proxy hop.
 //!
 //! A [`Mesh`] is the code of the `smesh proxy` sidecar, run inside the program: the same
 //! configuration resources (from a control plane or a file), the same SPIFFE identity from
@@ -55,9 +55,9 @@
 //! worker-owned pools), without a lock on the request path. So a program with N runtime
 //! threads keeps up to N sets of connections to each endpoint, one per thread that has
 //! called it, and a connection is reused by the next request on the thread where the
-//! previous response ended. Idle connections are closed after their idle timeout on the
-//! thread the mesh started on; on the others, when next found or when the endpoint closes
-//! them.
+//! previous response ended. Once a second a task of the mesh closes the expired idle
+//! connections of the thread it runs on; elsewhere an expired one is skipped (and closed)
+//! when next found, or closed by its endpoint.
 //!
 //! # Serving
 //!
@@ -67,10 +67,13 @@
 //!
 //! # Not yet
 //!
-//! gRPC streaming calls through [`GrpcChannel`] are not tested yet (unary calls with a
-//! deadline are). Upgrades (WebSocket) and `CONNECT` through the client; opaque TCP
-//! inbound. Without [`Builder::advertise`] the program registers no
-//! endpoint, and its `smesh get proxies` entry has no service, address or identity.
+//! Not supported: upgrades (WebSocket) and `CONNECT` through the client, opaque TCP
+//! inbound, labels on the registered endpoint (subsets of this program's Service).
+//! Streaming gRPC calls through [`GrpcChannel`] are untested (unary calls with a deadline
+//! are tested). Without [`Builder::advertise`] the program registers no endpoint, and its
+//! `smesh get proxies` entry has no service, address or identity.
+
+#![warn(missing_docs)]
 
 mod body;
 mod builder;
