@@ -30,13 +30,13 @@ use std::sync::Arc;
 
 pub trait Filter: Send + Sync + 'static {
     /// The request head after routing; `Some` answers the request with that response
-    /// instead of sending it upstream.
-    fn request_head(&self, _ctx: &RequestCtx, _head: &mut Parts) -> Option<Response<Body>> {
+    /// instead of sending it upstream. May note what later phases need in `ctx`.
+    fn request_head(&self, _ctx: &mut RequestCtx, _head: &mut Parts) -> Option<Response<Body>> {
         None
     }
 
     /// A try's request, just before it goes to `ctx.endpoint`.
-    fn upstream_request(&self, _ctx: &RequestCtx, _req: &mut Request<Body>) {}
+    fn upstream_request(&self, _ctx: &mut RequestCtx, _req: &mut Request<Body>) {}
 
     /// The response head, before it goes to the client (also the proxy's own answers).
     fn response_head(&self, _ctx: &RequestCtx, _resp: &mut Response<Body>) {}
@@ -50,3 +50,24 @@ pub trait Filter: Send + Sync + 'static {
 
 /// The filters a proxy runs, in order. Empty by default: then no request pays for them.
 pub type Filters = Arc<[Arc<dyn Filter>]>;
+
+/// The filters one request runs: those installed when the proxy started, then those its
+/// configuration snapshot adds (tracing, from the MeshConfig), which change on reloads.
+#[derive(Clone, Copy, Default)]
+pub struct RequestFilters<'a> {
+    pub installed: &'a [Arc<dyn Filter>],
+    pub configured: &'a [Arc<dyn Filter>],
+}
+
+impl<'a> RequestFilters<'a> {
+    pub fn new(installed: &'a Option<Filters>, configured: &'a Option<Filters>) -> Self {
+        RequestFilters {
+            installed: installed.as_deref().unwrap_or_default(),
+            configured: configured.as_deref().unwrap_or_default(),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &'a Arc<dyn Filter>> {
+        self.installed.iter().chain(self.configured)
+    }
+}

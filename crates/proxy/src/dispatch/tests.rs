@@ -8,8 +8,8 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 use tokio::net::TcpListener;
 
@@ -118,7 +118,7 @@ async fn send<B: Into<ClientBody>>(
         max_retry_body_bytes: retry_limit,
         mesh_tls: None,
         metrics,
-        filters: &[],
+        filters: Default::default(),
     };
     let mut ctx = ctx();
     let result = dispatch.send(&mut ctx, parts, body, false).await;
