@@ -3,7 +3,8 @@ TraceService from the `opentelemetry-proto` package) gets the spans of a request
 crosses two meshed proxies (web's outbound -> mTLS -> api's inbound -> app): one trace id,
 each span the child of the one before; the app sees the last client span as its parent.
 With head sampling at 0, every failed or slow request is still exported, and no fast
-successful one."""
+successful one. A proxy with a static configuration file traces too, and its spans carry
+the mesh's decisions (retry, timeout, injected fault) as events."""
 import os
 import threading
 from concurrent import futures
@@ -13,7 +14,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from meshlib import LOOPBACK, free_port, http_request, metric_sum, wait_until
+from meshlib import LOOPBACK, free_port, http_request, http_route, metric_sum, service, wait_until
 
 TD = "example.org"
 API = "apiVersion: smesh.io/v1\nkind: Service\nmetadata: {name: api}\nspec:\n  ports: [{port: 80, protocol: http}]\n"
@@ -192,3 +193,53 @@ def test_with_head_sampling_off_only_failed_and_slow_requests_are_exported(run, 
             if s.kind == SERVER:
                 assert a["smesh.sampled_by"] == ("error" if kind == "failed" else "slow"), a
     assert sum(metric_sum(px.metrics(), "smesh_trace_spans_dropped_total") for px in (api, web)) == 0
+
+
+def events(span):
+    return {e.name: attrs(e.attributes) for e in span.events}
+
+
+@pytest.mark.timeout(90)
+def test_a_static_proxy_reports_retries_timeouts_and_faults_as_span_events(run, receiver):
+    flaky = run.http_backend("flaky", flaky=True)
+    slow = run.http_backend("slow")
+    mesh = {"apiVersion": "smesh.io/v1", "kind": "MeshConfig", "metadata": {"name": "mesh"},
+            "spec": {"tracing": {"collector": f"{LOOPBACK}:{receiver.port}", "sampling": 1}}}
+    px = run.proxy([
+        mesh,
+        service("flaky", [flaky.address]),
+        service("slow", [slow.address]),
+        service("faulty", [slow.address]),
+        http_route("retried", ["flaky"], [{"retry": {"attempts": 1, "codes": [503], "backoff": "10ms"}}]),
+        http_route("bounded", ["slow"], [{"timeouts": {"request": "200ms"}}]),
+        http_route("aborted", ["faulty"], [{"filters": [{"type": "FaultInjection", "faultInjection": {
+            "abort": {"httpStatus": 503, "percent": 100}}}]}]),
+    ])
+
+    def server_span(host, path, status):
+        resp = http_request(px.outbound, path, host=host)
+        assert resp.status == status, resp
+
+        def found():
+            with receiver.lock:
+                return [s for _, s in receiver.spans
+                        if s.kind == SERVER and attrs(s.attributes).get("url.path") == path.split("?")[0]]
+        span = wait_until(found, 20, what=f"the server span of {path}")[0]
+        # A request's spans come in one Export call: its tries are in too.
+        return span, [s for _, s in receiver.trace(span.trace_id.hex()) if s.kind == CLIENT]
+
+    # The first try gets the flaky backend's 503, the retry its 200.
+    span, tries = server_span("flaky", "/retried", 200)
+    assert events(span)["retry"] == {"http.request.resend_count": 1, "smesh.previous_outcome": "503"}
+    statuses = sorted(attrs(t.attributes)["http.response.status_code"] for t in tries)
+    assert statuses == [200, 503]
+    assert all(t.parent_span_id == span.span_id for t in tries)
+
+    span, tries = server_span("slow", "/bounded?delay=2", 504)
+    assert events(span)["timeout"] == {"smesh.proxy_error": "timeout"}
+    assert attrs(span.attributes)["error.type"] == "timeout"
+    assert [attrs(t.attributes)["error.type"] for t in tries] == ["timeout"]
+
+    span, tries = server_span("faulty", "/aborted", 503)
+    assert events(span)["fault"] == {"smesh.fault": "abort"}
+    assert tries == [] and span.status.code == trace_pb2.Status.STATUS_CODE_ERROR

@@ -39,7 +39,7 @@ pub trait Filter: Send + Sync + 'static {
     fn upstream_request(&self, _ctx: &mut RequestCtx, _req: &mut Request<Body>) {}
 
     /// The response head, before it goes to the client (also the proxy's own answers).
-    fn response_head(&self, _ctx: &RequestCtx, _resp: &mut Response<Body>) {}
+    fn response_head(&self, _ctx: &mut RequestCtx, _resp: &mut Response<Body>) {}
 
     /// The request is over: its response body ended, failed, or was dropped.
     fn request_done(&self, _event: &RequestEvent) {}

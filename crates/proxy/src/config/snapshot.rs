@@ -557,6 +557,27 @@ mod tests {
     }
 
     #[test]
+    fn the_mesh_config_turns_tracing_on_and_off_and_an_unchanged_reload_keeps_the_tracer() {
+        let metrics = Metrics::new();
+        let mesh = |sampling: &str| {
+            let text = format!("apiVersion: smesh.io/v1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {{tracing: {{collector: '127.0.0.1:9', sampling: {sampling}}}}}\n");
+            smesh_model::load("mesh.yaml", &text).expect("valid")
+        };
+        let off = Snapshot::build(&items(1, None), &Snapshot::empty(), &metrics, "outbound");
+        assert!(off.filters.is_none());
+        let on = Snapshot::build(&mesh("0.5"), &off, &metrics, "outbound");
+        let again = Snapshot::build(&mesh("0.5"), &on, &metrics, "outbound");
+        let changed = Snapshot::build(&mesh("0.1"), &again, &metrics, "outbound");
+        let tracer = |s: &Snapshot| s.tracer.clone().expect("tracing on");
+        assert!(Arc::ptr_eq(&tracer(&on), &tracer(&again)));
+        assert!(!Arc::ptr_eq(&tracer(&again), &tracer(&changed)));
+        assert_eq!(changed.filters.as_ref().map(|f| f.len()), Some(1));
+        assert!(Snapshot::build(&items(1, None), &changed, &metrics, "outbound")
+            .filters
+            .is_none());
+    }
+
+    #[test]
     fn mesh_limit_follows_the_live_endpoints_and_keeps_its_buckets() {
         let m = Metrics::new();
         let mesh = Some("{requestsPerSecond: 90, burst: 9, scope: mesh}");

@@ -111,7 +111,11 @@ impl HttpProxy {
             self.response_filters(&mut ctx, &mut resp, &rule, client_upgrade);
             resp
         };
-        self.finish(&ctx, &mut resp, RequestFilters::new(&self.shared.filters, &configured));
+        self.finish(
+            &mut ctx,
+            &mut resp,
+            RequestFilters::new(&self.shared.filters, &configured),
+        );
         // Moved only when a consumer takes the event (most requests: none).
         if self.shared.want(&ctx, &configured) {
             resp = crate::listen::complete::watch(ctx, resp, &self.shared, configured);
@@ -276,7 +280,7 @@ impl HttpProxy {
 
     /// Counts the response and runs the filters' response phase; the caller then hands it to
     /// [`crate::listen::complete::watch`], which completes the request's event.
-    fn finish(&self, ctx: &RequestCtx, resp: &mut Response<Body>, filters: RequestFilters<'_>) {
+    fn finish(&self, ctx: &mut RequestCtx, resp: &mut Response<Body>, filters: RequestFilters<'_>) {
         if let Some(route) = &ctx.route {
             route.response(resp.status().as_u16());
             route.duration.observe(ctx.start.elapsed().as_secs_f64());

@@ -23,6 +23,8 @@ pub struct TraceContext {
     pub state: Option<HeaderValue>,
     /// One client span per try, in order.
     pub tries: Vec<TrySpan>,
+    /// A route's FaultInjection aborted the request.
+    pub fault_aborted: bool,
 }
 
 /// One try sent upstream.
@@ -65,6 +67,7 @@ impl TraceContext {
                 // Per the spec, only read alongside a valid traceparent.
                 state: tracestate.cloned(),
                 tries: Vec::new(),
+                fault_aborted: false,
             },
             None => {
                 let trace_id = new_trace_id();
@@ -75,6 +78,7 @@ impl TraceContext {
                     parent: None,
                     state: None,
                     tries: Vec::new(),
+                    fault_aborted: false,
                 }
             }
         }

@@ -11,6 +11,7 @@ pub mod spans;
 
 use crate::filter::Filter;
 use crate::http::body::Body;
+use crate::route::fault::FAULT_HEADER;
 use crate::telemetry::event::{RequestCtx, RequestEvent, RequestHead};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::trace_context::TraceContext;
@@ -89,6 +90,12 @@ impl Filter for Tracer {
             // A tracestate without a valid traceparent means nothing (W3C): not passed on.
             None => headers.remove(TRACESTATE),
         };
+    }
+
+    fn response_head(&self, ctx: &mut RequestCtx, resp: &mut Response<Body>) {
+        if let Some(trace) = &mut ctx.trace {
+            trace.fault_aborted = resp.headers().contains_key(FAULT_HEADER);
+        }
     }
 
     fn request_done(&self, event: &RequestEvent) {

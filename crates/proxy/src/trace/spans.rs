@@ -164,6 +164,14 @@ impl Finished {
                 ..Default::default()
             });
         }
+        if self.trace.fault_aborted {
+            events.push(Event {
+                time_unix_nano: self.nanos(self.start + self.to_head),
+                name: "fault".into(),
+                attributes: vec![text("smesh.fault", "abort")],
+                ..Default::default()
+            });
+        }
         if let Some(reason) = self.error {
             events.push(Event {
                 time_unix_nano: self.nanos(self.start + self.to_head),
