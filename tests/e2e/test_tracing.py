@@ -243,3 +243,30 @@ def test_a_static_proxy_reports_retries_timeouts_and_faults_as_span_events(run, 
     span, tries = server_span("faulty", "/aborted", 503)
     assert events(span)["fault"] == {"smesh.fault": "abort"}
     assert tries == [] and span.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+
+
+@pytest.mark.timeout(60)
+def test_a_grpc_failure_in_the_trailers_is_exported_at_head_sampling_zero(run, receiver, grpc_server,
+                                                                     grpc_stubs):
+    pb2, pb2_grpc = grpc_stubs
+    mesh = {"apiVersion": "smesh.io/v1", "kind": "MeshConfig", "metadata": {"name": "mesh"},
+            "spec": {"tracing": {"collector": f"{LOOPBACK}:{receiver.port}", "sampling": 0}}}
+    px = run.proxy([mesh, service("echo", [grpc_server.address], protocol="grpc", port=50051)])
+    channel = grpc.insecure_channel(f"{LOOPBACK}:{px.outbound}", options=[
+        ("grpc.enable_http_proxy", 0), ("grpc.default_authority", "echo:50051")])
+    try:
+        stub = pb2_grpc.EchoStub(channel)
+        assert stub.Unary(pb2.Msg(text="fine"), timeout=10).text == "fine"
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.Fail(pb2.Msg(text="x"), timeout=10)
+        assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # The OK call came first: once the failure is in, it would be too had it been kept.
+        spans = wait_until(lambda: receiver.count() >= 2 and receiver.spans, 20, what="the failed call's spans")
+    finally:
+        channel.close()
+    paths = {attrs(s.attributes)["url.path"] for _, s in spans}
+    assert paths == {"/e2e.Echo/Fail"}, paths
+    server = next(s for _, s in spans if s.kind == SERVER)
+    a = attrs(server.attributes)
+    assert (a["rpc.system"], a["rpc.grpc.status_code"], a["http.response.status_code"]) == ("grpc", 9, 200), a
+    assert a["error.type"] == "9" and server.status.code == trace_pb2.Status.STATUS_CODE_ERROR
