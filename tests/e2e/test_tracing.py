@@ -148,6 +148,12 @@ def test_a_two_hop_request_is_one_trace_with_linked_spans(run, receiver):
     resp = http_request(web.outbound, "/broken", host="api",
                         headers={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01"})
     assert traceparent_of(resp).split("-")[1] != "0af7651916cd43dd8448eb211c80319c"
+    # Where traces start tells which app does not pass traceparent on (for `smesh check`).
+    web_m, api_m = web.metrics(), api.metrics()
+    assert metric_sum(web_m, "smesh_trace_requests_total", direction="outbound", trace="started") == 2
+    assert metric_sum(web_m, "smesh_trace_requests_total", direction="outbound", trace="continued") == 1
+    assert metric_sum(api_m, "smesh_trace_requests_total", direction="inbound", trace="continued") == 3
+    assert metric_sum(api_m, "smesh_trace_requests_total", direction="inbound", trace="started") == 0
 
 
 @pytest.mark.timeout(120)
@@ -243,6 +249,14 @@ def test_a_static_proxy_reports_retries_timeouts_and_faults_as_span_events(run, 
     span, tries = server_span("faulty", "/aborted", 503)
     assert events(span)["fault"] == {"smesh.fault": "abort"}
     assert tries == [] and span.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+
+    # A request the proxy refuses before routing it still continues its caller's trace.
+    caller = "00-5bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    assert http_request(px.outbound, "/nowhere", host="unknown", headers={"traceparent": caller}).status == 404
+    spans = wait_until(lambda: receiver.trace("5bf92f3577b34da6a3ce929d0e0e4736"), 20, what="the refused request's span")
+    a = attrs(spans[0][1].attributes)
+    assert spans[0][1].parent_span_id.hex() == "00f067aa0ba902b7" and a["error.type"] == "unknown_authority", a
+    assert events(spans[0][1])["proxy_error"] == {"smesh.proxy_error": "unknown authority"}
 
 
 @pytest.mark.timeout(60)

@@ -8,6 +8,8 @@
 //!
 //! Phases, in the order a request meets them (every method does nothing by default, so a
 //! filter implements only what it needs):
+//! 0. [`Filter::request_received`]: the request as it arrived, before routing and admission
+//!    (which may answer it without the next phases);
 //! 1. [`Filter::request_head`]: once routed, admitted and within its rate limits, before
 //!    the route's filters; may answer the request itself.
 //! 2. [`Filter::upstream_request`]: each try's request, just before it is sent (a retry
@@ -26,9 +28,14 @@ use crate::http::body::Body;
 use crate::telemetry::event::{ConnectionEvent, RequestCtx, RequestEvent};
 use http::request::Parts;
 use http::{Request, Response};
+use hyper::body::Incoming;
 use std::sync::Arc;
 
 pub trait Filter: Send + Sync + 'static {
+    /// The request as it arrived, before routing, authorization and rate limits (which may
+    /// answer it: then `request_done` follows at once). Reads only.
+    fn request_received(&self, _ctx: &mut RequestCtx, _req: &Request<Incoming>) {}
+
     /// The request head after routing; `Some` answers the request with that response
     /// instead of sending it upstream. May note what later phases need in `ctx`.
     fn request_head(&self, _ctx: &mut RequestCtx, _head: &mut Parts) -> Option<Response<Body>> {

@@ -145,6 +145,7 @@ impl HttpProxy {
         rule.metrics.inbound_tls(self.peer.is_some());
         let snapshot = self.shared.config.load();
         configured.clone_from(&snapshot.filters);
+        self.received(ctx, req, configured);
         let (peer, method, path) = (self.peer.as_deref(), Some(req.method()), Some(req.uri().path()));
         match decide_inbound(&snapshot, &self.shared.metrics, rule, peer, method, path) {
             None | Some(Decision::Allow(_)) => Ok(snapshot.inbound_limit.clone()),
@@ -161,6 +162,7 @@ impl HttpProxy {
     fn route(&self, ctx: &mut RequestCtx, req: &Request<Incoming>, configured: &mut Option<Filters>) -> Stage<Routed> {
         let snapshot = self.shared.config.load();
         configured.clone_from(&snapshot.filters);
+        self.received(ctx, req, configured);
         let service = match &self.target {
             Target::Upstream(name) => snapshot.service(name),
             _ => authority(req).and_then(|a| snapshot.service_for_host(a)),
@@ -179,6 +181,13 @@ impl HttpProxy {
                 let detail = format!("{} {}", req.method(), req.uri().path());
                 Err(self.fail(ctx, Failure::said(ProxyError::NoRoute, detail)))
             }
+        }
+    }
+
+    /// The filters' first look at the request, once the snapshot (and its filters) is read.
+    fn received(&self, ctx: &mut RequestCtx, req: &Request<Incoming>, configured: &Option<Filters>) {
+        for filter in RequestFilters::new(&self.shared.filters, configured).iter() {
+            filter.request_received(ctx, req);
         }
     }
 

@@ -30,6 +30,9 @@ pub struct Metrics {
     /// Spans sent to the trace collector, and spans lost (`queue_full`, `export_failed`).
     pub trace_spans_exported: IntCounter,
     pub trace_spans_dropped: IntCounterVec,
+    /// Traced requests by whether they continued their caller's trace (an app that does
+    /// not pass `traceparent` on starts a new trace with each outbound call).
+    pub trace_requests: IntCounterVec,
     pub connections_refused: IntCounterVec,
     pub connections_active: IntGauge,
     pub resilience: ResilienceMetrics,
@@ -119,6 +122,12 @@ impl Metrics {
                 &["reason"],
             ),
             trace_spans_exported,
+            trace_requests: counter(
+                &r,
+                "smesh_trace_requests_total",
+                "Traced requests; trace=started: the request came without a valid traceparent.",
+                &["direction", "trace"],
+            ),
             trace_spans_dropped: counter(
                 &r,
                 "smesh_trace_spans_dropped_total",

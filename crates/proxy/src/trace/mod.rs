@@ -17,8 +17,9 @@ use crate::telemetry::metrics::Metrics;
 use crate::telemetry::trace_context::TraceContext;
 use export::Exporter;
 use http::header::{HeaderName, HOST};
-use http::request::Parts;
-use http::{Request, Response};
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use prometheus::IntCounter;
 use sample::Sampling;
 use smesh_model::TracingSpec;
 use spans::Finished;
@@ -34,6 +35,8 @@ pub struct Tracer {
     service: String,
     sampling: Sampling,
     exporter: Exporter,
+    /// `smesh_trace_requests_total` by [outbound, inbound] x [continued, started].
+    requests: [[IntCounter; 2]; 2],
 }
 
 impl Tracer {
@@ -46,6 +49,9 @@ impl Tracer {
                 ratio: spec.sampling(),
                 slow: spec.slow_threshold(),
             },
+            requests: ["outbound", "inbound"].map(|direction| {
+                ["continued", "started"].map(|trace| metrics.trace_requests.with_label_values(&[direction, trace]))
+            }),
             exporter: Exporter::start(&spec.collector, service, metrics)?,
         })
     }
@@ -55,28 +61,33 @@ impl Tracer {
         self.spec == *spec && self.service == service
     }
 
+    /// Continues or starts the request's trace (before routing: a request the proxy refuses
+    /// still continues its caller's trace).
+    fn start_request(&self, ctx: &mut RequestCtx, method: &Method, uri: &Uri, version: Version, headers: &HeaderMap) {
+        let (parent, state) = (headers.get(TRACEPARENT), headers.get(TRACESTATE));
+        let trace = TraceContext::continue_or_start(parent, state, |id| self.sampling.head(id));
+        ctx.trace = Some(Box::new(trace));
+        // The spans name the request line (kept already when the access log is on).
+        if ctx.head.is_none() {
+            let authority = uri.authority().map(|a| a.as_str());
+            let authority = authority.or_else(|| headers.get(HOST).and_then(|h| h.to_str().ok()));
+            ctx.head = Some(Box::new(RequestHead {
+                method: method.clone(),
+                uri: uri.clone(),
+                version,
+                authority: authority.map(Box::from),
+            }));
+        }
+    }
+
     fn new_trace(&self) -> TraceContext {
         TraceContext::continue_or_start(None, None, |id| self.sampling.head(id))
     }
 }
 
 impl Filter for Tracer {
-    fn request_head(&self, ctx: &mut RequestCtx, head: &mut Parts) -> Option<Response<Body>> {
-        let (parent, state) = (head.headers.get(TRACEPARENT), head.headers.get(TRACESTATE));
-        let trace = TraceContext::continue_or_start(parent, state, |id| self.sampling.head(id));
-        ctx.trace = Some(Box::new(trace));
-        // The spans name the request line (kept already when the access log is on).
-        if ctx.head.is_none() {
-            let authority = head.uri.authority().map(|a| a.as_str());
-            let authority = authority.or_else(|| head.headers.get(HOST).and_then(|h| h.to_str().ok()));
-            ctx.head = Some(Box::new(RequestHead {
-                method: head.method.clone(),
-                uri: head.uri.clone(),
-                version: head.version,
-                authority: authority.map(Box::from),
-            }));
-        }
-        None
+    fn request_received(&self, ctx: &mut RequestCtx, req: &Request<Incoming>) {
+        self.start_request(ctx, req.method(), req.uri(), req.version(), req.headers());
     }
 
     fn upstream_request(&self, ctx: &mut RequestCtx, req: &mut Request<Body>) {
@@ -99,6 +110,10 @@ impl Filter for Tracer {
     }
 
     fn request_done(&self, event: &RequestEvent) {
+        if let Some(trace) = &event.ctx.trace {
+            let direction = usize::from(event.ctx.direction == "inbound");
+            self.requests[direction][usize::from(trace.parent.is_none())].inc();
+        }
         if let Some(finished) = self.keep(event) {
             self.exporter.send(finished);
         }
@@ -108,8 +123,8 @@ impl Filter for Tracer {
 impl Tracer {
     /// What to export of a finished request, if it is kept.
     fn keep(&self, event: &RequestEvent) -> Option<Finished> {
-        // A request answered before its head reached the filters (no route, denied, rate
-        // limited) has no trace yet: it gets a new one, kept if it failed.
+        // A request answered before the filters saw it (a bad request line) has no trace
+        // yet: it gets a new one, kept as it failed.
         let fresh;
         let trace = match event.ctx.trace.as_deref() {
             Some(trace) => trace,
@@ -162,7 +177,7 @@ mod tests {
             head.headers.insert(TRACEPARENT, HeaderValue::from_static(value));
         }
         head.headers.insert(TRACESTATE, HeaderValue::from_static("k=v"));
-        assert!(tracer.request_head(&mut ctx, &mut head).is_none());
+        tracer.start_request(&mut ctx, &head.method, &head.uri, head.version, &head.headers);
         let mut upstream = Request::new(Body::Empty);
         tracer.upstream_request(&mut ctx, &mut upstream);
         ctx.try_ended(|| TryOutcome::Answered(200));
@@ -208,7 +223,7 @@ mod tests {
         assert_eq!(kept(200, None, Some(sampled)), Some((Kept::Head, 2)));
         // Answered by the proxy before the filters saw it: a new trace, kept as an error.
         let mut ctx = RequestCtx::new("outbound", "127.0.0.1:1".parse().unwrap(), None);
-        ctx.error = Some("no route");
+        ctx.error = Some("bad request");
         assert_eq!(
             t.keep(&event(ctx, 404, None)).map(|f| (f.kept, f.span_count())),
             Some((Kept::Error, 1))
