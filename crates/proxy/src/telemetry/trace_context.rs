@@ -94,8 +94,8 @@ impl TraceContext {
             endpoint,
             outcome: TryOutcome::Pending,
         });
-        let text = format_traceparent(&self.trace_id, &span_id, self.sampled);
-        HeaderValue::from_str(&text).expect("hex digits and dashes are a valid header value")
+        let text = traceparent(&self.trace_id, &span_id, self.sampled);
+        HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
     }
 
     /// The last try ended.
@@ -145,23 +145,23 @@ pub fn parse_traceparent(text: &[u8]) -> Option<TraceParent> {
     })
 }
 
-/// `00-<trace id>-<span id>-<01 or 00>`.
-pub fn format_traceparent(trace_id: &TraceId, span_id: &SpanId, sampled: bool) -> String {
-    let mut text = String::with_capacity(55);
-    text.push_str("00-");
-    push_hex(&mut text, trace_id);
-    text.push('-');
-    push_hex(&mut text, span_id);
-    text.push_str(if sampled { "-01" } else { "-00" });
+/// `00-<trace id>-<span id>-<01 or 00>`, on the stack (one per try).
+pub fn traceparent(trace_id: &TraceId, span_id: &SpanId, sampled: bool) -> [u8; 55] {
+    let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    write_hex(&mut text[3..35], trace_id);
+    write_hex(&mut text[36..52], span_id);
+    if sampled {
+        text[54] = b'1';
+    }
     text
 }
 
 /// Lower-case hex, as the spec requires.
-fn push_hex(text: &mut String, bytes: &[u8]) {
+fn write_hex(out: &mut [u8], bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        text.push(DIGITS[(b >> 4) as usize] as char);
-        text.push(DIGITS[(b & 15) as usize] as char);
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[(b >> 4) as usize];
+        pair[1] = DIGITS[(b & 15) as usize];
     }
 }
 
@@ -205,7 +205,9 @@ mod tests {
         assert_eq!(parsed.trace_id[..2], [0x4b, 0xf9]);
         assert_eq!(parsed.span_id[7], 0xb7);
         assert!(parsed.sampled);
-        assert_eq!(format_traceparent(&parsed.trace_id, &parsed.span_id, true), VALID);
+        assert_eq!(&traceparent(&parsed.trace_id, &parsed.span_id, true), VALID.as_bytes());
+        let unsampled = traceparent(&parsed.trace_id, &parsed.span_id, false);
+        assert_eq!(&unsampled[..], VALID.replace("-01", "-00").as_bytes());
         let unsampled = VALID.replace("-01", "-00");
         assert!(!parse_traceparent(unsampled.as_bytes()).unwrap().sampled);
         // Other flag bits do not matter for sampling.

@@ -80,8 +80,20 @@ impl Tracer {
         }
     }
 
-    fn new_trace(&self) -> TraceContext {
-        TraceContext::continue_or_start(None, None, |id| self.sampling.head(id))
+    /// What to export of a finished request, if it is kept.
+    fn keep(&self, event: &RequestEvent) -> Option<Finished> {
+        // The handler starts every request's trace once it has read the snapshot; one
+        // finished without (a library caller that skipped `request_received`) gets a new one.
+        let fresh;
+        let trace = match event.ctx.trace.as_deref() {
+            Some(trace) => trace,
+            None => {
+                fresh = TraceContext::continue_or_start(None, None, |id| self.sampling.head(id));
+                &fresh
+            }
+        };
+        let kept = self.sampling.keep(trace.sampled, event)?;
+        Some(Finished::new(event, trace.clone(), kept))
     }
 }
 
@@ -117,24 +129,6 @@ impl Filter for Tracer {
         if let Some(finished) = self.keep(event) {
             self.exporter.send(finished);
         }
-    }
-}
-
-impl Tracer {
-    /// What to export of a finished request, if it is kept.
-    fn keep(&self, event: &RequestEvent) -> Option<Finished> {
-        // A request answered before the filters saw it (a bad request line) has no trace
-        // yet: it gets a new one, kept as it failed.
-        let fresh;
-        let trace = match event.ctx.trace.as_deref() {
-            Some(trace) => trace,
-            None => {
-                fresh = self.new_trace();
-                &fresh
-            }
-        };
-        let kept = self.sampling.keep(trace.sampled, event)?;
-        Some(Finished::new(event, trace.clone(), kept))
     }
 }
 
