@@ -13,7 +13,9 @@ from meshlib import UP_OFFSETS as OFFSETS, child_pids as _children, free_up_base
 
 
 @pytest.mark.timeout(120)
-def test_smesh_up_demo_answers_through_the_mesh_and_ctrl_c_stops_everything(run, tmp_path):
+def test_smesh_up_demo_answers_through_the_mesh_and_ctrl_c_stops_everything(run, tmp_path, monkeypatch):
+    # the demo also writes where it runs to the user's state dir: this test's own
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     base = _free_base()
     up = run.spawn([SMESH_BIN, "up", "--port", base, "--data", tmp_path / "data", "--no-load"], "up")
     wait_until(lambda: "demo mesh is up" in up.stdout() or up.poll() is not None, 60, interval=0.1,

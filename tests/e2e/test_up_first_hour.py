@@ -1,7 +1,9 @@
 """Issue 15: `smesh up` off the happy path, as a new user meets it. A second demo in the same
 directory (or on the same ports) is refused at once and leaves the first untouched; a child
 that exits stops the demo within a second, named with its log; a --port that does not fit is
-refused; state kept from an earlier demo that refuses this one is named, and --reset clears it."""
+refused; state kept from an earlier demo that refuses this one is named, and --reset clears it;
+the CLI finds a running demo by itself, from any directory."""
+import json
 import os
 import signal
 import subprocess
@@ -30,6 +32,12 @@ spec:
       paths: ["/api/*"]
       ports: [8080]
 """
+
+
+@pytest.fixture(autouse=True)
+def _own_state_dir(monkeypatch, tmp_path):
+    """The demo also writes where it runs to the user's state dir: this test's own."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
 
 
 def _env():
@@ -182,3 +190,48 @@ def test_kept_state_that_refuses_the_demo_is_named_and_reset_clears_it(run, tmp_
     assert listed.returncode == 0, listed.stderr
     assert "web-reads-api" not in listed.stdout, listed.stdout
     _stop(up)
+
+
+@pytest.mark.timeout(120)
+def test_the_cli_finds_the_running_demo_from_any_directory_with_no_exports(run, tmp_path):
+    base = free_up_base()
+    demo_dir = tmp_path / "demo"
+    demo_dir.mkdir()
+    up = _start(run, base, demo_dir)
+    data = demo_dir / "smesh-data"
+    banner = up.stdout()
+    # absolute paths and the binary's full path, so the banner works as printed
+    assert f"{data}/admin-token" in banner and f"{data}/ca.pem" in banner, banner
+    assert os.path.abspath(SMESH_BIN) in banner, banner
+    with open(data / "endpoint.json") as f:
+        endpoint = json.load(f)
+    assert endpoint["control"] == f"https://127.0.0.1:{base + 40}", endpoint
+    assert endpoint["ca"] == str(data / "ca.pem") and endpoint["pid"] == up.pid, endpoint
+    assert (tmp_path / "state" / "smesh" / "endpoint.json").exists()
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for cwd in (demo_dir, elsewhere):
+        proxies = _smesh("get", "proxies", cwd=cwd)
+        assert proxies.returncode == 0, proxies.stderr
+        assert sum(1 for line in proxies.stdout.splitlines()[1:] if line.strip()) == 4, proxies.stdout
+    # a write takes the demo's token too
+    put = _smesh("kv", "put", "demo/greeting", "hello", cwd=elsewhere)
+    assert put.returncode == 0, put.stderr
+    got = _smesh("kv", "get", "demo/greeting", cwd=elsewhere)
+    assert got.returncode == 0 and got.stdout.strip() == "hello", (got.stdout, got.stderr)
+    # a read needs no token: a token file that is not there is only a warning
+    env = _env()
+    env["SMESH_TOKEN_FILE"] = str(elsewhere / "no-such-token")
+    services = _smesh("get", "services", "-o", "json", cwd=elsewhere, env=env)
+    assert services.returncode == 0, services.stderr
+    assert '"web"' in services.stdout and "no-such-token" in services.stderr, services
+    # plain HTTP to the TLS port: told what to use instead
+    plain = _smesh("get", "services", "--control", f"http://127.0.0.1:{base + 40}", cwd=elsewhere)
+    assert plain.returncode != 0
+    assert (f"this control plane speaks TLS: use https://127.0.0.1:{base + 40} with --control-ca"
+            in plain.stderr), plain.stderr
+
+    _stop(up)
+    assert not (data / "endpoint.json").exists()
+    assert not (tmp_path / "state" / "smesh" / "endpoint.json").exists()

@@ -402,7 +402,16 @@ fn start_and_serve(
         ];
         state::not_ready_hint(e, kept_state, &kept, &admins)
     })?;
-    print_banner(data, control_addr, &web, &remote, &logs, exe);
+    let found_at = crate::endpoint::write(
+        &crate::endpoint::Endpoint {
+            control: control_url.clone(),
+            ca: control_ca.clone(),
+            token_file: token_file.clone(),
+            pid: std::process::id(),
+        },
+        data,
+    )?;
+    print_banner(data, control_addr, &web, &remote, &logs, exe, &found_at);
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = load.then(|| {
@@ -416,6 +425,7 @@ fn start_and_serve(
         })
     });
     let outcome = wait_for_signal(children);
+    crate::endpoint::remove(&found_at);
     stop.store(true, Ordering::Relaxed);
     if let Some(load) = load {
         let _ = load.join();
@@ -489,7 +499,15 @@ fn join_token(exe: &Path, remote: &Remote, service: &str, path: &Path) -> Result
     Ok(path.to_path_buf())
 }
 
-fn print_banner(data: &Path, control: SocketAddr, web: &Proxy, remote: &Remote, logs: &Path, exe: &Path) {
+fn print_banner(
+    data: &Path,
+    control: SocketAddr,
+    web: &Proxy,
+    remote: &Remote,
+    logs: &Path,
+    exe: &Path,
+    found_at: &[PathBuf],
+) {
     let web_out = web.outbound;
     // The commands below must work as printed: the binary by its full path unless PATH has it.
     let smesh = if on_path(exe) {
@@ -509,10 +527,12 @@ Try:
   curl -H 'Host: web' http://{web_out}/hello                  # web -> api (80% v1, 20% v2) -> db (TCP), all on mTLS
   curl -H 'Host: api' -H 'x-canary: true' http://{web_out}/    # always api v2
   curl -x http://{web_out} http://api/                          # the proxy as an HTTP proxy
-  export SMESH_CONTROL=https://{control} SMESH_TOKEN_FILE={token} SMESH_CONTROL_CA={ca}
   {smesh} get services; {smesh} get endpoints api; {smesh} get proxies
   {smesh} kv put demo/greeting hello; {smesh} kv get demo/greeting
   curl -s http://{web_admin}/metrics | grep smesh_requests_total
+
+The CLI finds this demo by itself while it runs (from {found}).
+For another shell or machine: export SMESH_CONTROL=https://{control} SMESH_TOKEN_FILE={token} SMESH_CONTROL_CA={ca}
 
 Ctrl-C stops everything."#,
         data = data.display(),
@@ -521,6 +541,11 @@ Ctrl-C stops everything."#,
         ca = remote.ca.display(),
         logs = logs.display(),
         exe = exe.display(),
+        found = found_at
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" or "),
     );
 }
 
