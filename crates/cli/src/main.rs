@@ -533,5 +533,20 @@ fn serving_certificate(
 fn validate(file: &std::path::Path) -> Result<(), String> {
     let items = smesh_proxy::config::reload::load(file)?;
     println!("ok: {} resources in {}", items.len(), file.display());
+    // Valid, but requests to such a backend would all fail: said, not refused.
+    let resources: Vec<&smesh_model::Resource> = items.iter().map(|s| &s.resource).collect();
+    let static_labels = |service: &str| {
+        resources
+            .iter()
+            .filter_map(|r| match r {
+                smesh_model::Resource::Service(s) if s.metadata.name == service => Some(s),
+                _ => None,
+            })
+            .flat_map(|s| s.spec.endpoints.iter().map(|e| e.labels.clone()))
+            .collect()
+    };
+    for warning in smesh_model::empty_subsets(resources.iter().copied(), static_labels) {
+        eprintln!("warning: {warning}");
+    }
     Ok(())
 }

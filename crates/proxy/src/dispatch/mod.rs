@@ -181,10 +181,16 @@ impl Tries<'_, '_> {
             };
             let Some(endpoint) = picked else {
                 return Err(if backend.balancer.is_empty() {
-                    (
-                        ProxyError::NoEndpoints,
-                        format!("service {:?} has no endpoints", backend.service),
-                    )
+                    // A subset's balancer is empty when no endpoint has its labels, however
+                    // many the service has: say which subset.
+                    let detail = match &backend.subset {
+                        Some(subset) => format!(
+                            "none in {subset} (no endpoint of {:?} has these labels)",
+                            backend.service
+                        ),
+                        None => format!("service {:?} has no endpoints", backend.service),
+                    };
+                    (ProxyError::NoEndpoints, detail)
                 } else {
                     (
                         ProxyError::ConnectFailed,
