@@ -3,6 +3,7 @@
 mod client;
 mod commands;
 mod demo;
+mod endpoint;
 mod malloc;
 mod prometheus;
 mod up;
@@ -32,9 +33,10 @@ struct Cli {
 /// How the CLI reaches the control plane.
 #[derive(Args)]
 struct Remote {
-    /// The control plane's address.
-    #[arg(long, global = true, env = "SMESH_CONTROL", default_value = "http://127.0.0.1:4180")]
-    control: String,
+    /// The control plane's address [default: the running `smesh up` demo of ./smesh-data, else
+    /// the user's latest one (~/.local/state/smesh/endpoint.json), else http://127.0.0.1:4180].
+    #[arg(long, global = true, env = "SMESH_CONTROL")]
+    control: Option<String>,
     /// Admin token for writes (else --token-file, else ./smesh-data/admin-token if present).
     #[arg(long, global = true, env = "SMESH_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -474,33 +476,56 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a command against the control plane, with the token from the flag, the token
-/// file, or the local default data directory.
+/// Runs a command against the control plane: the one named by --control, else a running
+/// `smesh up` demo's (see endpoint.rs), else the default. The token comes from the flag, the
+/// token file, the demo's, or the local default data directory; a token file that cannot be
+/// read is only a warning, as reads need no token.
 fn with_control<F, Fut>(remote: Remote, f: F) -> Result<(), String>
 where
     F: FnOnce(client::Control) -> Fut,
     Fut: std::future::Future<Output = Result<(), String>>,
 {
-    let url = remote.control;
-    let token = match (remote.token, remote.token_file) {
-        (Some(t), _) => Some(t),
-        (None, Some(file)) => Some(
-            std::fs::read_to_string(&file)
-                .map_err(|e| format!("cannot read token file {}: {e}", file.display()))?
-                .trim()
-                .to_string(),
-        ),
-        (None, None) => std::fs::read_to_string("smesh-data/admin-token")
-            .ok()
-            .map(|t| t.trim().to_string()),
-    };
-    let ca = remote.control_ca.or_else(|| {
-        let default = PathBuf::from("smesh-data/ca.pem");
-        default.exists().then_some(default)
+    let demo = endpoint::find();
+    // A demo's CA and token also serve when --control names it explicitly.
+    let demo = demo.filter(|d| {
+        remote
+            .control
+            .as_deref()
+            .is_none_or(|c| c.trim_end_matches('/') == d.control)
     });
+    let url = match (&remote.control, &demo) {
+        (Some(url), _) => url.clone(),
+        (None, Some(d)) => d.control.clone(),
+        (None, None) => DEFAULT_CONTROL.to_string(),
+    };
+    let token_file = remote
+        .token_file
+        .or_else(|| demo.as_ref().map(|d| d.token_file.clone()))
+        .or_else(|| Some(PathBuf::from("smesh-data/admin-token")).filter(|p| p.exists()));
+    let token = match (remote.token, token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(file)) => match std::fs::read_to_string(&file) {
+            Ok(t) => Some(t.trim().to_string()),
+            Err(e) => {
+                eprintln!(
+                    "warning: cannot read token file {}: {e} (writes will be refused)",
+                    file.display()
+                );
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    let ca = remote
+        .control_ca
+        .or_else(|| demo.map(|d| d.ca))
+        .or_else(|| Some(PathBuf::from("smesh-data/ca.pem")).filter(|p| p.exists()));
     let control = client::Control::new(url.trim_end_matches('/'), token, ca.as_deref())?;
     commands::block_on(f(control))
 }
+
+/// Where the CLI looks when nothing names the control plane and no demo runs.
+const DEFAULT_CONTROL: &str = "http://127.0.0.1:4180";
 
 /// The control plane's TLS certificate, if it serves TLS.
 fn serving_certificate(
@@ -531,5 +556,20 @@ fn serving_certificate(
 fn validate(file: &std::path::Path) -> Result<(), String> {
     let items = smesh_proxy::config::reload::load(file)?;
     println!("ok: {} resources in {}", items.len(), file.display());
+    // Valid, but requests to such a backend would all fail: said, not refused.
+    let resources: Vec<&smesh_model::Resource> = items.iter().map(|s| &s.resource).collect();
+    let static_labels = |service: &str| {
+        resources
+            .iter()
+            .filter_map(|r| match r {
+                smesh_model::Resource::Service(s) if s.metadata.name == service => Some(s),
+                _ => None,
+            })
+            .flat_map(|s| s.spec.endpoints.iter().map(|e| e.labels.clone()))
+            .collect()
+    };
+    for warning in smesh_model::empty_subsets(resources.iter().copied(), static_labels) {
+        eprintln!("warning: {warning}");
+    }
     Ok(())
 }

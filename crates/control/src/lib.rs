@@ -180,7 +180,9 @@ async fn serve(options: ControlOptions) -> Result<(), String> {
     let grpc = tonic::service::Routes::new(smesh_api::v1::discovery_server::DiscoveryServer::new(discovery))
         .add_service(smesh_api::v1::identity_server::IdentityServer::new(identity))
         .into_axum_router();
-    let app = grpc.merge(api::routes(Arc::new(api::ApiState { store, token, ca })));
+    let app = grpc
+        .merge(api::routes(Arc::new(api::ApiState { store, token, ca })))
+        .fallback(api::not_found);
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(listen = %options.listen, store = %options.store, scheme, "smesh control ready");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

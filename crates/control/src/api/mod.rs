@@ -45,6 +45,28 @@ pub fn routes(state: Shared) -> Router {
         .with_state(state)
 }
 
+/// Whatever no route matched. A gRPC call (to a method this server lacks) gets gRPC's
+/// UNIMPLEMENTED as before; anything else is a REST path that does not exist: 404 with a JSON
+/// error, not an HTTP/2 200 a REST client cannot read.
+pub async fn not_found(req: axum::extract::Request) -> Response {
+    let grpc = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        let (parts, ()) = tonic::Status::unimplemented("").into_http::<()>().into_parts();
+        return Response::from_parts(parts, axum::body::Body::empty());
+    }
+    let body = serde_json::json!({
+        "error": "not found",
+        "path": req.uri().path(),
+        "message": "no such path: the API is under /api/v1/ (apply, resources/KIND, endpoints/SERVICE, \
+                    proxies, certificates, tokens, check, ca), /v1/kv/KEY, /v1/watch/kv/PREFIX and /healthz",
+    });
+    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+}
+
 /// An error as the API returns it: a status and a plain-text body a person can act on.
 pub struct ApiError(pub StatusCode, pub String);
 
