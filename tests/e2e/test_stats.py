@@ -170,6 +170,9 @@ def test_stat_shows_rate_success_latency_and_edges_of_a_faulty_route(run):
         assert float(cols[3].rstrip("%")) == pytest.approx(j["success_rate"], abs=0.006), (cols, j)
         assert float(cols[6].rstrip("ms")) == pytest.approx(j["p99_ms"], abs=0.006), (cols, j)
         assert "after retries" in table.splitlines()[0]
+        wide = cp.cli("stat", "services", "-n", "api", "--window", "30s", "-o", "wide")
+        assert wide.returncode == 0, wide.stderr
+        assert "RETRIES" in wide.stdout and table_row(wide.stdout, "api"), wide.stdout
 
         # the edge web -> api, with the identity of each end
         edges = cp.cli("edges", "api", "--window", "30s", "-o", "json")

@@ -74,11 +74,12 @@ impl Default for Counts {
 }
 
 impl Counts {
+    /// Saturating: the numbers come from other processes.
     pub fn add(&mut self, o: &Counts) {
-        self.requests += o.requests;
-        self.failures += o.failures;
-        self.retries += o.retries;
-        self.response_bytes += o.response_bytes;
+        self.requests = self.requests.saturating_add(o.requests);
+        self.failures = self.failures.saturating_add(o.failures);
+        self.retries = self.retries.saturating_add(o.retries);
+        self.response_bytes = self.response_bytes.saturating_add(o.response_bytes);
         latency::merge(&mut self.latency_ms, &o.latency_ms);
     }
 }
@@ -97,6 +98,14 @@ pub struct ConnectionCounts {
     pub connections: u64,
     pub errors: u64,
     pub bytes: u64,
+}
+
+impl ConnectionCounts {
+    pub fn add(&mut self, o: &ConnectionCounts) {
+        self.connections = self.connections.saturating_add(o.connections);
+        self.errors = self.errors.saturating_add(o.errors);
+        self.bytes = self.bytes.saturating_add(o.bytes);
+    }
 }
 
 /// What one proxy reported in one window.
@@ -151,6 +160,17 @@ impl Ring {
         if start > now_ms + MAX_AHEAD_MS {
             return false;
         }
+        // Decoded before the lock: readers and other proxies' pushes do not wait for it.
+        let mut overflow = window.overflow;
+        let kept = window.requests.len().min(MAX_SERIES_PER_PUSH);
+        overflow = overflow.saturating_add((window.requests.len() - kept) as u64);
+        let mut requests = Vec::with_capacity(kept);
+        for series in window.requests.into_iter().take(kept) {
+            match counts_of(&series) {
+                Some(counts) => requests.push((key_of(from, series), counts)),
+                None => overflow = overflow.saturating_add(series.requests),
+            }
+        }
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
         let full = windows.len() >= self.capacity;
         if full && windows.first_key_value().is_some_and(|(oldest, _)| start < *oldest) {
@@ -160,31 +180,27 @@ impl Ring {
         let proxy = mesh.proxies.entry(from.proxy_id.clone()).or_default();
         proxy.service.clone_from(&from.service);
         proxy.identity.clone_from(&from.identity);
-        proxy.overflow += window.overflow;
-        let kept = window.requests.len().min(MAX_SERIES_PER_PUSH);
-        proxy.overflow += (window.requests.len() - kept) as u64;
-        for series in window.requests.into_iter().take(kept) {
-            let Some(counts) = counts_of(&series) else {
-                proxy.overflow += series.requests;
-                continue;
-            };
-            let side = if series.direction == "inbound" {
+        proxy.overflow = proxy.overflow.saturating_add(overflow);
+        for (key, counts) in requests {
+            let side = if key.direction == "inbound" {
                 &mut proxy.inbound
             } else {
                 &mut proxy.outbound
             };
             side.add(&counts);
-            mesh.requests.entry(key_of(from, series)).or_default().add(&counts);
+            mesh.requests.entry(key).or_default().add(&counts);
         }
         for c in window.connections.into_iter().take(MAX_SERIES_PER_PUSH) {
-            let bytes = c.bytes_from_client.saturating_add(c.bytes_to_client);
-            proxy.connections.connections += c.connections;
-            proxy.connections.errors += c.errors;
-            proxy.connections.bytes += bytes;
-            let total = mesh.connections.entry(connection_key_of(from, c.clone())).or_default();
-            total.connections += c.connections;
-            total.errors += c.errors;
-            total.bytes += bytes;
+            let counts = ConnectionCounts {
+                connections: c.connections,
+                errors: c.errors,
+                bytes: c.bytes_from_client.saturating_add(c.bytes_to_client),
+            };
+            proxy.connections.add(&counts);
+            mesh.connections
+                .entry(connection_key_of(from, c))
+                .or_default()
+                .add(&counts);
         }
         while windows.len() > self.capacity {
             windows.pop_first();

@@ -146,9 +146,7 @@ impl Group {
     }
 
     fn add_connections(&mut self, c: &ConnectionCounts) {
-        self.connections.connections += c.connections;
-        self.connections.errors += c.errors;
-        self.connections.bytes += c.bytes;
+        self.connections.add(c);
     }
 
     fn row(self, name: String, seconds: f64) -> Row {
@@ -165,7 +163,7 @@ impl Group {
             requests: s.counts.requests,
             failures: s.counts.failures,
             rps: round2(s.counts.requests as f64 / seconds),
-            success_rate: percent(s.counts.requests - s.counts.failures, s.counts.requests),
+            success_rate: percent(s.counts.requests.saturating_sub(s.counts.failures), s.counts.requests),
             p50_ms: q(0.5),
             p95_ms: q(0.95),
             p99_ms: q(0.99),
@@ -190,7 +188,8 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// "-" for a source the mesh does not know (a plaintext or client-only caller).
+/// "-" for what the mesh does not know: a plaintext or client-only caller, the service of a
+/// request refused before routing (unknown authority).
 fn or_unknown(s: &str) -> String {
     if s.is_empty() { "-" } else { s }.to_string()
 }
@@ -253,9 +252,9 @@ fn fold(view: View, w: &MeshWindow, groups: &mut BTreeMap<(String, String), Grou
     }
     for (k, c) in &w.requests {
         let key = match view {
-            View::Services => (k.destination.clone(), String::new()),
-            View::Routes => (k.service.clone(), or_unknown(&k.route)),
-            _ => (or_unknown(&k.source_service), k.destination.clone()),
+            View::Services => (or_unknown(&k.destination), String::new()),
+            View::Routes => (or_unknown(&k.service), or_unknown(&k.route)),
+            _ => (or_unknown(&k.source_service), or_unknown(&k.destination)),
         };
         groups.entry(key).or_default().add(k, c);
     }
@@ -265,8 +264,8 @@ fn fold(view: View, w: &MeshWindow, groups: &mut BTreeMap<(String, String), Grou
             continue;
         }
         let key = match view {
-            View::Services => (k.destination.clone(), String::new()),
-            View::Edges => (or_unknown(&k.source_service), k.destination.clone()),
+            View::Services => (or_unknown(&k.destination), String::new()),
+            View::Edges => (or_unknown(&k.source_service), or_unknown(&k.destination)),
             _ => continue,
         };
         groups.entry(key).or_default().add_connections(c);
