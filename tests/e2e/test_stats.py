@@ -10,6 +10,7 @@
    /metrics (`smesh_grpc_responses_total`)."""
 import http.client
 import json
+import socket
 import threading
 import time
 from concurrent import futures
@@ -253,3 +254,41 @@ def test_grpc_unavailable_in_trailers_is_a_failure_in_stat_and_metrics(run, grpc
         assert metric_sum(m, "smesh_grpc_responses_total", service="echo", grpc_status="0") == 30
     finally:
         backend.server.stop(grace=None)
+
+
+def _tunnel(port, payload):
+    """One CONNECT tunnel to echo:7 through the proxy; returns what came back."""
+    with socket.create_connection((LOOPBACK, port), timeout=10) as s:
+        s.settimeout(10)
+        s.sendall(b"CONNECT echo:7 HTTP/1.1\r\nHost: echo:7\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            d = s.recv(1)
+            assert d, head
+            head += d
+        assert head.split(b" ")[1] == b"200", head
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while True:
+            d = s.recv(4096)
+            if not d:
+                return got
+            got += d
+
+
+@pytest.mark.timeout(60)
+def test_tcp_connections_and_bytes_show_in_stat(run):
+    echo = run.tcp_echo()
+    cp = run.control()
+    apply(cp, [service("echo", [echo.address], protocol="tcp", port=7)])
+    client = run.mesh_proxy([cp.url], name="client")
+    wait_until(lambda: "echo" in client.config_text(), 20, interval=0.1, what="client's config with echo")
+    payload = b"tunnelled bytes"
+    moved = sum(len(payload) + len(_tunnel(client.outbound, payload)) for _ in range(3))
+
+    def all_counted():
+        r = row(stat_json(cp, "services", "-n", "echo", "--window", "1m"), "echo")
+        return r if r and r["tcp_connections"] == 3 else None
+    r = wait_until(all_counted, 30, interval=0.5, what="3 tunnels in stat")
+    assert r["tcp_bytes"] == moved, (r, moved)
