@@ -6,6 +6,7 @@ mod demo;
 mod endpoint;
 mod malloc;
 mod prometheus;
+mod stat;
 mod up;
 
 use clap::{Args, Parser, Subcommand};
@@ -81,6 +82,36 @@ enum Command {
     },
     /// Check the mesh's identity system: the CA, certificate renewals, proxies without identity.
     Check {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Golden metrics from the proxies' last windows: request rate, success rate, latency
+    /// percentiles, TCP connections and bytes, mTLS share. No Prometheus needed.
+    Stat {
+        /// services, routes, edges or proxies.
+        #[arg(default_value = "services")]
+        view: String,
+        /// Only this service (route, either end of an edge, proxy).
+        #[arg(short = 'n', long = "name")]
+        name: Option<String>,
+        /// How far back (10s .. 1h, whole 10 s windows).
+        #[arg(long, default_value = "1m")]
+        window: String,
+        /// table, wide (adds requests, retries, shed, breaker overflows, rate-limited) or json.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Who calls whom: src -> dst with rate, success, p99 and the mTLS identities seen.
+    Edges {
+        /// Only edges from or to this service.
+        service: Option<String>,
+        #[arg(long, default_value = "1m")]
+        window: String,
+        /// table, wide or json.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -429,6 +460,29 @@ fn main() -> ExitCode {
             with_control(remote, |c| async move { commands::delete(&c, &kind, &name).await })
         }
         Command::Check { remote } => with_control(remote, |c| async move { commands::check(&c).await }),
+        Command::Stat {
+            view,
+            name,
+            window,
+            output,
+            remote,
+        } => with_control(remote, |c| async move {
+            let args = stat::StatArgs {
+                view: &view,
+                name: name.as_deref(),
+                window: &window,
+                output: &output,
+            };
+            stat::stat(&c, args).await
+        }),
+        Command::Edges {
+            service,
+            window,
+            output,
+            remote,
+        } => with_control(remote, |c| async move {
+            stat::edges(&c, service.as_deref(), &window, &output).await
+        }),
         Command::Token { command, remote } => with_control(remote, |c| async move {
             match command {
                 TokenCommand::Create { service, ttl } => commands::token_create(&c, &service, &ttl).await,
