@@ -3,7 +3,7 @@
 `smesh stat` / `smesh edges`.
 
 1. web -> api over mesh mTLS under a paced load, with a FaultInjection on api's route (5%
-   aborted with 503, 3% delayed 300 ms): stat's RPS is within 10% of the generated rate, its
+   aborted with 503, 5% delayed 300 ms): stat's RPS is within 10% of the generated rate, its
    success rate within 1 point of what the clients saw (itself near 95%), its p99 is the
    injected delay, `-o json` matches the table, and the edge web -> api shows both identities.
 2. gRPC calls that fail with UNAVAILABLE in the trailers are failures in stat and in
@@ -22,7 +22,7 @@ from meshlib import LOOPBACK, http_request, metric_sum, service, to_yaml, wait_u
 
 TD = "example.org"
 RATE, SECONDS, THREADS = 40, 45, 8
-ABORT_PERCENT, DELAY_PERCENT, DELAY_MS = 5, 3, 300
+ABORT_PERCENT, DELAY_PERCENT, DELAY_MS = 5, 5, 300
 
 
 def token_file(run, cp, service_name):
@@ -149,7 +149,7 @@ def test_stat_shows_rate_success_latency_and_edges_of_a_faulty_route(run):
         assert abs(api_row["success_rate"] - seen) <= 1.0, (api_row, seen)
         assert abs(seen - (100 - ABORT_PERCENT)) <= 4.0, seen
         assert api_row["proxy_errors"].get("fault") is None  # faults are not proxy errors
-        # p99 is the injected delay (3% of requests), p50 far below it
+        # p99 is the injected delay (5% of 400 requests: under 1% delayed is a 1e-5 draw), p50 far below it
         assert DELAY_MS * 0.95 <= api_row["p99_ms"] <= DELAY_MS * 1.5, api_row
         assert api_row["p50_ms"] < DELAY_MS / 3, api_row
         assert api_row["mtls_percent"] == 100.0, api_row

@@ -151,6 +151,10 @@ fn print_header(report: &Value) {
         report["windows"].as_u64().unwrap_or(0),
         text(&report["note"])
     );
+    let overflow = report["overflow"].as_u64().unwrap_or(0);
+    if overflow > 0 {
+        println!("# {overflow} requests or connections are not in the rows: proxies were over their series cap");
+    }
 }
 
 /// HH:MM:SS of a Unix time.

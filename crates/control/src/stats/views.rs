@@ -66,6 +66,9 @@ pub struct Report {
     pub to_unix_ms: u64,
     /// Windows in that span that any proxy reported.
     pub windows: usize,
+    /// Requests and connections the proxies counted but could not keep in a series (a
+    /// window's series cap, or a malformed sketch): the rows leave them out.
+    pub overflow: u64,
     pub note: &'static str,
     pub rows: Vec<Row>,
 }
@@ -202,13 +205,17 @@ pub fn report(ring: &Ring, view: View, window_ms: u64, name: Option<&str>, now_m
     let to = closed - closed % WINDOW_MS;
     let from = to.saturating_sub(window_ms);
     let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
-    let windows = ring.read(from, to, |windows| {
-        let mut n = 0;
+    let (windows, overflow) = ring.read(from, to, |windows| {
+        let (mut n, mut overflow) = (0, 0u64);
         for w in windows {
             n += 1;
+            overflow = w
+                .proxies
+                .values()
+                .fold(overflow, |sum, p| sum.saturating_add(p.overflow));
             fold(view, w, &mut groups);
         }
-        n
+        (n, overflow)
     });
     // Rates are over the time proxies reported (every connected proxy pushes every window,
     // empty or not): right after a start or a restart of this replica that is less than
@@ -234,6 +241,7 @@ pub fn report(ring: &Ring, view: View, window_ms: u64, name: Option<&str>, now_m
         from_unix_ms: from,
         to_unix_ms: to,
         windows,
+        overflow,
         note: view.note(),
         rows,
     }
