@@ -8,7 +8,7 @@ import stat
 import pytest
 import yaml
 
-from meshlib import grpc_route, http_route, service, to_yaml
+from meshlib import curl, grpc_route, http_route, service, to_yaml
 
 
 def _state(cp):
@@ -353,3 +353,28 @@ def test_admin_token_file_option(run):
             other = fh.read().strip()
         if other != "s3cret-token-for-e2e":
             assert cp.api("PUT", "/v1/kv/k", body="v", token=other).status == 401
+
+
+def test_unknown_rest_paths_get_404_json_and_grpc_stays_grpc(run):
+    """Issue 15 item 10: a REST path that does not exist is a 404 with a JSON error, over
+    HTTP/1.1 and HTTP/2; a gRPC call to an unknown method still gets grpc-status 12."""
+    cp = run.control()
+    for path in ("/nope", "/api/v1/nope", "/api/v2/resources/service"):
+        r = cp.api("GET", path, token=False)
+        assert r.status == 404, r
+        assert r.header("content-type") == "application/json", r
+        body = r.json()
+        assert body["error"] == "not found" and body["path"] == path, body
+        assert "/api/v1/" in body["message"], body
+    h2 = curl("--http2-prior-knowledge", "-i", f"http://127.0.0.1:{cp.port}/nope")
+    assert h2.returncode == 0, h2.stderr
+    head = h2.stdout.decode()
+    assert head.startswith("HTTP/2 404"), head
+    assert "grpc-status" not in head, head
+    grpc = curl("--http2-prior-knowledge", "-i", "-X", "POST", "-H", "content-type: application/grpc",
+                "-H", "te: trailers", "--data-binary", "", f"http://127.0.0.1:{cp.port}/smesh.v1.Nope/Call")
+    assert grpc.returncode == 0, grpc.stderr
+    head = grpc.stdout.decode()
+    assert head.startswith("HTTP/2 200") and "grpc-status: 12" in head, head
+    # the real API is unchanged
+    assert cp.api("GET", "/api/v1/resources/service", token=False).status == 200

@@ -69,6 +69,9 @@ pub async fn apply(control: &Control, path: &Path) -> Result<(), String> {
             item["result"].as_str().unwrap_or("?")
         );
     }
+    for warning in reply["warnings"].as_array().into_iter().flatten() {
+        eprintln!("warning: {}", warning.as_str().unwrap_or("?"));
+    }
     Ok(())
 }
 

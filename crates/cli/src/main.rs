@@ -3,7 +3,10 @@
 mod client;
 mod commands;
 mod demo;
+mod endpoint;
 mod malloc;
+mod prometheus;
+mod stat;
 mod up;
 
 use clap::{Args, Parser, Subcommand};
@@ -31,9 +34,10 @@ struct Cli {
 /// How the CLI reaches the control plane.
 #[derive(Args)]
 struct Remote {
-    /// The control plane's address.
-    #[arg(long, global = true, env = "SMESH_CONTROL", default_value = "http://127.0.0.1:4180")]
-    control: String,
+    /// The control plane's address [default: the running `smesh up` demo of ./smesh-data, else
+    /// the user's latest one (~/.local/state/smesh/endpoint.json), else http://127.0.0.1:4180].
+    #[arg(long, global = true, env = "SMESH_CONTROL")]
+    control: Option<String>,
     /// Admin token for writes (else --token-file, else ./smesh-data/admin-token if present).
     #[arg(long, global = true, env = "SMESH_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -81,6 +85,36 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Golden metrics from the proxies' last windows: request rate, success rate, latency
+    /// percentiles, TCP connections and bytes, mTLS share. No Prometheus needed.
+    Stat {
+        /// services, routes, edges or proxies.
+        #[arg(default_value = "services")]
+        view: String,
+        /// Only this service (route, either end of an edge, proxy).
+        #[arg(short = 'n', long = "name")]
+        name: Option<String>,
+        /// How far back (10s .. 1h, whole 10 s windows).
+        #[arg(long, default_value = "1m")]
+        window: String,
+        /// table, wide (adds requests, retries, shed, breaker overflows, rate-limited) or json.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Who calls whom: src -> dst with rate, success, p99 and the mTLS identities seen.
+    Edges {
+        /// Only edges from or to this service.
+        service: Option<String>,
+        #[arg(long, default_value = "1m")]
+        window: String,
+        /// table, wide or json.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Join tokens: a proxy uses one once to get its first certificate.
     Token {
         #[command(subcommand)]
@@ -107,6 +141,20 @@ enum Command {
         /// The file to check.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+    },
+    /// Print a Prometheus scrape configuration for every proxy connected to the control plane.
+    PrometheusConfig {
+        /// `file-sd`: a file_sd_configs target list (JSON); `static`: a whole prometheus.yml.
+        #[arg(long, default_value = "file-sd")]
+        format: String,
+        /// The scrape job's name (`static`).
+        #[arg(long, default_value = "smesh-proxies")]
+        job: String,
+        /// The scrape interval (`static`).
+        #[arg(long, default_value = "15s")]
+        interval: String,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Start a demo on this machine: sample services behind a proxy. Ctrl-C stops it all.
     Up(up::UpArgs),
@@ -412,6 +460,29 @@ fn main() -> ExitCode {
             with_control(remote, |c| async move { commands::delete(&c, &kind, &name).await })
         }
         Command::Check { remote } => with_control(remote, |c| async move { commands::check(&c).await }),
+        Command::Stat {
+            view,
+            name,
+            window,
+            output,
+            remote,
+        } => with_control(remote, |c| async move {
+            let args = stat::StatArgs {
+                view: &view,
+                name: name.as_deref(),
+                window: &window,
+                output: &output,
+            };
+            stat::stat(&c, args).await
+        }),
+        Command::Edges {
+            service,
+            window,
+            output,
+            remote,
+        } => with_control(remote, |c| async move {
+            stat::edges(&c, service.as_deref(), &window, &output).await
+        }),
         Command::Token { command, remote } => with_control(remote, |c| async move {
             match command {
                 TokenCommand::Create { service, ttl } => commands::token_create(&c, &service, &ttl).await,
@@ -439,6 +510,14 @@ fn main() -> ExitCode {
                 KvCommand::Watch { prefix, index } => commands::kv_watch(&c, &prefix, index).await,
             }
         }),
+        Command::PrometheusConfig {
+            format,
+            job,
+            interval,
+            remote,
+        } => with_control(remote, |c| async move {
+            prometheus::run(&c, &format, &job, &interval).await
+        }),
         Command::Up(args) => up::run(args),
         Command::DemoApp(args) => demo::run(args),
     };
@@ -451,33 +530,56 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a command against the control plane, with the token from the flag, the token
-/// file, or the local default data directory.
+/// Runs a command against the control plane: the one named by --control, else a running
+/// `smesh up` demo's (see endpoint.rs), else the default. The token comes from the flag, the
+/// token file, the demo's, or the local default data directory; a token file that cannot be
+/// read is only a warning, as reads need no token.
 fn with_control<F, Fut>(remote: Remote, f: F) -> Result<(), String>
 where
     F: FnOnce(client::Control) -> Fut,
     Fut: std::future::Future<Output = Result<(), String>>,
 {
-    let url = remote.control;
-    let token = match (remote.token, remote.token_file) {
-        (Some(t), _) => Some(t),
-        (None, Some(file)) => Some(
-            std::fs::read_to_string(&file)
-                .map_err(|e| format!("cannot read token file {}: {e}", file.display()))?
-                .trim()
-                .to_string(),
-        ),
-        (None, None) => std::fs::read_to_string("smesh-data/admin-token")
-            .ok()
-            .map(|t| t.trim().to_string()),
-    };
-    let ca = remote.control_ca.or_else(|| {
-        let default = PathBuf::from("smesh-data/ca.pem");
-        default.exists().then_some(default)
+    let demo = endpoint::find();
+    // A demo's CA and token also serve when --control names it explicitly.
+    let demo = demo.filter(|d| {
+        remote
+            .control
+            .as_deref()
+            .is_none_or(|c| c.trim_end_matches('/') == d.control)
     });
+    let url = match (&remote.control, &demo) {
+        (Some(url), _) => url.clone(),
+        (None, Some(d)) => d.control.clone(),
+        (None, None) => DEFAULT_CONTROL.to_string(),
+    };
+    let token_file = remote
+        .token_file
+        .or_else(|| demo.as_ref().map(|d| d.token_file.clone()))
+        .or_else(|| Some(PathBuf::from("smesh-data/admin-token")).filter(|p| p.exists()));
+    let token = match (remote.token, token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(file)) => match std::fs::read_to_string(&file) {
+            Ok(t) => Some(t.trim().to_string()),
+            Err(e) => {
+                eprintln!(
+                    "warning: cannot read token file {}: {e} (writes will be refused)",
+                    file.display()
+                );
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    let ca = remote
+        .control_ca
+        .or_else(|| demo.map(|d| d.ca))
+        .or_else(|| Some(PathBuf::from("smesh-data/ca.pem")).filter(|p| p.exists()));
     let control = client::Control::new(url.trim_end_matches('/'), token, ca.as_deref())?;
     commands::block_on(f(control))
 }
+
+/// Where the CLI looks when nothing names the control plane and no demo runs.
+const DEFAULT_CONTROL: &str = "http://127.0.0.1:4180";
 
 /// The control plane's TLS certificate, if it serves TLS.
 fn serving_certificate(
@@ -508,5 +610,20 @@ fn serving_certificate(
 fn validate(file: &std::path::Path) -> Result<(), String> {
     let items = smesh_proxy::config::reload::load(file)?;
     println!("ok: {} resources in {}", items.len(), file.display());
+    // Valid, but requests to such a backend would all fail: said, not refused.
+    let resources: Vec<&smesh_model::Resource> = items.iter().map(|s| &s.resource).collect();
+    let static_labels = |service: &str| {
+        resources
+            .iter()
+            .filter_map(|r| match r {
+                smesh_model::Resource::Service(s) if s.metadata.name == service => Some(s),
+                _ => None,
+            })
+            .flat_map(|s| s.spec.endpoints.iter().map(|e| e.labels.clone()))
+            .collect()
+    };
+    for warning in smesh_model::empty_subsets(resources.iter().copied(), static_labels) {
+        eprintln!("warning: {warning}");
+    }
     Ok(())
 }

@@ -325,6 +325,7 @@ impl Snapshot {
                         balancer: balancer.clone(),
                         protocol: own_protocol,
                         policy: policies.get(&*name).cloned(),
+                        subset: None,
                     }],
                     Default::default(),
                     None,
@@ -439,6 +440,7 @@ impl RuleContext<'_> {
                 balancer: self.balancer.clone(),
                 protocol: self.own_protocol,
                 policy: self.policies.get(&**name).cloned(),
+                subset: None,
             }]
         } else {
             rule.backend_refs
@@ -449,6 +451,7 @@ impl RuleContext<'_> {
                     balancer: (self.balancer_for)(&b.name, &b.subset),
                     protocol: (self.protocol_of)(&b.name),
                     policy: self.policies.get(b.name.as_str()).cloned(),
+                    subset: (!b.subset.is_empty()).then(|| Arc::from(smesh_model::subset_text(&b.name, &b.subset))),
                 })
                 .collect()
         };

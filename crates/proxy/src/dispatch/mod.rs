@@ -175,7 +175,14 @@ impl Tries<'_, '_> {
             };
             let Some(endpoint) = picked else {
                 return Err(if backend.balancer.is_empty() {
-                    Failure::new(ProxyError::NoEndpoints, Cause::NoEndpoints(backend.service.clone()))
+                    let service = backend.service.clone();
+                    let cause = match &backend.subset {
+                        // A subset's balancer is empty when no endpoint has its labels,
+                        // however many the service has: say which subset.
+                        Some(subset) => Cause::NoneInSubset(service, subset.clone()),
+                        None => Cause::NoEndpoints(service),
+                    };
+                    Failure::new(ProxyError::NoEndpoints, cause)
                 } else {
                     let cause = Cause::NoReachableEndpoint(backend.service.clone());
                     Failure::new(ProxyError::ConnectFailed, cause)

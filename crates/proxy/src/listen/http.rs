@@ -13,6 +13,7 @@ use crate::resilience::ratelimit::RateLimits;
 use crate::route::rule::Rule;
 use crate::tcp;
 use crate::telemetry::event::{ConnectionEvent, ConnectionKind, RequestCtx};
+use crate::telemetry::window::Sample;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
@@ -119,6 +120,10 @@ impl HttpProxy {
         // Moved only when a consumer takes the event (most requests: none).
         if self.shared.want(&ctx, &configured) {
             resp = crate::listen::complete::watch(ctx, resp, &self.shared, configured);
+        } else if let Some(stats) = &self.shared.stats {
+            // Nobody watches the body: the window takes the request as its head leaves.
+            let announced = http_body::Body::size_hint(resp.body()).exact();
+            stats.record(&Sample::at_head(&ctx, resp.status().as_u16(), announced));
         }
         Ok(resp)
     }
