@@ -20,6 +20,7 @@ mod resources;
 mod security;
 mod spiffe;
 mod subsets;
+mod trace;
 mod validate;
 
 pub use error::{ConfigError, ConfigErrors};
@@ -33,4 +34,5 @@ pub use resources::*;
 pub use security::*;
 pub use spiffe::{certificate_spiffe_id, SpiffeId};
 pub use subsets::{empty_subsets, subset_text};
+pub use trace::TracingSpec;
 pub use validate::{validate, validate_name};

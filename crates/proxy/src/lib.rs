@@ -47,6 +47,8 @@
 //! - [`http`]: building blocks without policy: the one body type, headers, error responses,
 //!   replay, the upstream connection pools, the connector and the HTTP/2 client, upstream
 //!   request building.
+//! - [`trace`]: distributed tracing (W3C trace context, sampling, OTLP export), a
+//!   [`filter::Filter`] the configuration snapshot installs when the MeshConfig asks.
 //! - [`telemetry`]: request and connection events, metrics, the access log, the
 //!   golden-metric windows [`config::control`] pushes to the control plane.
 //! - [`shutdown`]: the stop signal every background loop watches.
@@ -66,6 +68,7 @@ pub mod route;
 pub mod shutdown;
 pub mod tcp;
 pub mod telemetry;
+pub mod trace;
 
 pub use app::options::ProxyOptions;
 pub use app::sidecar::run;

@@ -178,7 +178,8 @@ fn first_snapshot(
     workload: Option<&Workload>,
     metrics: &Arc<Metrics>,
 ) -> Result<Snapshot, String> {
-    let empty = Snapshot::serving(workload.and_then(Workload::limited_service));
+    let mut empty = Snapshot::serving(workload.and_then(Workload::limited_service));
+    empty.workload = options.service.as_deref().map(std::sync::Arc::from);
     match (&options.config, options.control.is_empty()) {
         (Some(path), true) => {
             let items = reload::load(path)?;

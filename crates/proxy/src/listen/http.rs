@@ -4,6 +4,7 @@
 
 use crate::balance::Balancer;
 use crate::dispatch::Dispatch;
+use crate::filter::{Filters, RequestFilters};
 use crate::http::body::Body;
 use crate::http::errors::{Failure, ProxyError};
 use crate::http::headers::{authority, grpc_timeout, is_grpc, strip_hop_by_hop, tunnelled_upgrade};
@@ -66,6 +67,8 @@ impl HttpProxy {
     /// request (callgrind).
     pub async fn handle(self, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let mut ctx = RequestCtx::new(self.direction, self.client, self.peer.clone());
+        // The snapshot's filters (tracing), taken where routing reads the snapshot anyway.
+        let mut configured: Option<Filters> = None;
         let mut resp = 'stages: {
             macro_rules! next {
                 ($stage:expr) => {
@@ -77,8 +80,8 @@ impl HttpProxy {
             }
             next!(self.read_head(&mut ctx, &mut req));
             let (rule, inbound_limit) = match &self.target {
-                Target::Inbound(rule) => (rule.clone(), next!(self.admit(&mut ctx, &req, rule))),
-                _ => match next!(self.route(&mut ctx, &req)) {
+                Target::Inbound(rule) => (rule.clone(), next!(self.admit(&mut ctx, &req, rule, &mut configured))),
+                _ => match next!(self.route(&mut ctx, &req, &mut configured)) {
                     Routed::Rule(rule) => (rule, None),
                     // Rare and with a large future: boxed, it does not weigh on every request's.
                     Routed::Tunnel(balancer) => {
@@ -93,7 +96,8 @@ impl HttpProxy {
                 .into_iter()
                 .flatten()
                 .min();
-            let (mut parts, body, client_upgrade) = next!(self.request_filters(&mut ctx, req, &rule));
+            let filters = RequestFilters::new(&self.shared.filters, &configured);
+            let (mut parts, body, client_upgrade) = next!(self.request_filters(&mut ctx, req, &rule, filters));
             if let Some(filters) = &rule.filters {
                 // The route's filters: a redirect or an injected fault answers here.
                 if let Some(answer) = Box::pin(filters.on_request(&mut parts)).await {
@@ -101,17 +105,21 @@ impl HttpProxy {
                 }
             }
             let upgrade = client_upgrade.is_some();
-            let mut resp = match self.dispatch(&rule).send(&mut ctx, parts, body, upgrade).await {
+            let mut resp = match self.dispatch(&rule, filters).send(&mut ctx, parts, body, upgrade).await {
                 Ok(resp) => resp,
                 Err(failure) => break 'stages self.fail(&mut ctx, failure),
             };
             self.response_filters(&mut ctx, &mut resp, &rule, client_upgrade);
             resp
         };
-        self.finish(&ctx, &mut resp);
+        self.finish(
+            &mut ctx,
+            &mut resp,
+            RequestFilters::new(&self.shared.filters, &configured),
+        );
         // Moved only when a consumer takes the event (most requests: none).
-        if self.shared.want(&ctx) {
-            resp = crate::listen::complete::watch(ctx, resp, &self.shared);
+        if self.shared.want(&ctx, &configured) {
+            resp = crate::listen::complete::watch(ctx, resp, &self.shared, configured);
         } else if let Some(stats) = &self.shared.stats {
             // Nobody watches the body: the window takes the request as its head leaves.
             let announced = http_body::Body::size_hint(resp.body()).exact();
@@ -131,10 +139,18 @@ impl HttpProxy {
 
     /// Inbound: authorization with the verified peer identity; on success, this proxy's share
     /// of its Service's BackendPolicy `rateLimit`.
-    fn admit(&self, ctx: &mut RequestCtx, req: &Request<Incoming>, rule: &Rule) -> Stage<Option<Arc<RateLimits>>> {
+    fn admit(
+        &self,
+        ctx: &mut RequestCtx,
+        req: &Request<Incoming>,
+        rule: &Rule,
+        configured: &mut Option<Filters>,
+    ) -> Stage<Option<Arc<RateLimits>>> {
         use crate::config::authz::{decide_inbound, Decision};
         rule.metrics.inbound_tls(self.peer.is_some());
         let snapshot = self.shared.config.load();
+        configured.clone_from(&snapshot.filters);
+        self.received(ctx, req, configured);
         let (peer, method, path) = (self.peer.as_deref(), Some(req.method()), Some(req.uri().path()));
         match decide_inbound(&snapshot, &self.shared.metrics, rule, peer, method, path) {
             None | Some(Decision::Allow(_)) => Ok(snapshot.inbound_limit.clone()),
@@ -148,8 +164,10 @@ impl HttpProxy {
     }
 
     /// Outbound: the Service (by authority, or the listener's), then its matching rule.
-    fn route(&self, ctx: &mut RequestCtx, req: &Request<Incoming>) -> Stage<Routed> {
+    fn route(&self, ctx: &mut RequestCtx, req: &Request<Incoming>, configured: &mut Option<Filters>) -> Stage<Routed> {
         let snapshot = self.shared.config.load();
+        configured.clone_from(&snapshot.filters);
+        self.received(ctx, req, configured);
         let service = match &self.target {
             Target::Upstream(name) => snapshot.service(name),
             _ => authority(req).and_then(|a| snapshot.service_for_host(a)),
@@ -168,6 +186,13 @@ impl HttpProxy {
                 let detail = format!("{} {}", req.method(), req.uri().path());
                 Err(self.fail(ctx, Failure::said(ProxyError::NoRoute, detail)))
             }
+        }
+    }
+
+    /// The filters' first look at the request, once the snapshot (and its filters) is read.
+    fn received(&self, ctx: &mut RequestCtx, req: &Request<Incoming>, configured: &Option<Filters>) {
+        for filter in RequestFilters::new(&self.shared.filters, configured).iter() {
+            filter.request_received(ctx, req);
         }
     }
 
@@ -199,6 +224,7 @@ impl HttpProxy {
         ctx: &mut RequestCtx,
         mut req: Request<Incoming>,
         rule: &Rule,
+        filters: RequestFilters<'_>,
     ) -> Stage<(Parts, Incoming, ClientUpgrade)> {
         let upgrade = tunnelled_upgrade(&req, &rule.upgrades, self.peer.is_some()).cloned();
         let client_upgrade = upgrade.map(|protocol| (hyper::upgrade::on(&mut req), protocol));
@@ -210,7 +236,7 @@ impl HttpProxy {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol.clone());
         }
-        for filter in self.shared.filters.iter().flat_map(|f| f.iter()) {
+        for filter in filters.iter() {
             if let Some(resp) = filter.request_head(ctx, &mut parts) {
                 return Err(resp);
             }
@@ -219,14 +245,14 @@ impl HttpProxy {
     }
 
     /// The tries (see [`Dispatch`]), with this proxy's settings and identity.
-    fn dispatch<'a>(&'a self, rule: &'a Rule) -> Dispatch<'a> {
+    fn dispatch<'a>(&'a self, rule: &'a Rule, filters: RequestFilters<'a>) -> Dispatch<'a> {
         Dispatch {
             rule,
             connect_timeout: self.shared.limits.connect_timeout,
             max_retry_body_bytes: self.shared.limits.max_retry_body_bytes,
             mesh_tls: self.shared.tls.load_full(),
             metrics: &self.shared.metrics,
-            filters: self.shared.filters.as_deref().unwrap_or_default(),
+            filters,
         }
     }
 
@@ -268,12 +294,12 @@ impl HttpProxy {
 
     /// Counts the response and runs the filters' response phase; the caller then hands it to
     /// [`crate::listen::complete::watch`], which completes the request's event.
-    fn finish(&self, ctx: &RequestCtx, resp: &mut Response<Body>) {
+    fn finish(&self, ctx: &mut RequestCtx, resp: &mut Response<Body>, filters: RequestFilters<'_>) {
         if let Some(route) = &ctx.route {
             route.response(resp.status().as_u16());
             route.duration.observe(ctx.start.elapsed().as_secs_f64());
         }
-        for filter in self.shared.filters.iter().flat_map(|f| f.iter()) {
+        for filter in filters.iter() {
             filter.response_head(ctx, resp);
         }
     }

@@ -5,4 +5,5 @@
 pub mod access_log;
 pub mod event;
 pub mod metrics;
+pub mod trace_context;
 pub mod window;
