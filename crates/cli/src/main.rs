@@ -112,8 +112,8 @@ enum Command {
     },
     /// Start a demo on this machine: sample services behind a proxy. Ctrl-C stops it all.
     Up(up::UpArgs),
-    /// A small HTTP service used by the demo (and handy for trying routes).
-    #[command(hide = true)]
+    /// A sample app: answers every request with its name and version (the demo's apps; handy
+    /// for trying routes, e.g. the README's Quick start).
     DemoApp(demo::DemoArgs),
 }
 
