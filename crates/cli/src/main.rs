@@ -5,6 +5,7 @@ mod commands;
 mod demo;
 mod endpoint;
 mod malloc;
+mod table;
 mod up;
 
 use clap::{Args, Parser, Subcommand};
@@ -56,16 +57,21 @@ enum Command {
     Control(ControlArgs),
     /// Apply resources (a file, a directory of them, or - for standard input) all-or-nothing.
     Apply {
-        #[arg(short = 'f', long = "filename")]
-        file: PathBuf,
+        #[arg(short = 'f', long = "filename", required_unless_present = "stray")]
+        file: Option<PathBuf>,
+        /// A file given without -f: refused with a tip (kubectl users type it so).
+        #[arg(hide = true)]
+        stray: Option<PathBuf>,
         #[command(flatten)]
         remote: Remote,
     },
-    /// Show resources (service, httproute, grpcroute, ...), `endpoints SERVICE` or `proxies`.
+    /// Show resources: service, httproute, grpcroute, meshconfig, authorizationpolicy,
+    /// backendpolicy; `endpoints SERVICE`, `proxies`, `certificates`.
     Get {
+        /// What to show (see above; plurals and svc, route, authz work too).
         kind: String,
         name: Option<String>,
-        /// yaml or json (endpoints and proxies default to a table).
+        /// table, wide, yaml or json [default: table for lists, yaml for one named resource].
         #[arg(short = 'o', long = "output")]
         output: Option<String>,
         #[command(flatten)]
@@ -396,18 +402,26 @@ fn main() -> ExitCode {
             ca: args.ca_cert.zip(args.ca_key),
             tls: serving_certificate(args.tls, args.listen, args.tls_san, args.tls_cert.zip(args.tls_key)),
         }),
-        Command::Apply { file, remote } => with_control(remote, |c| async move { commands::apply(&c, &file).await }),
+        Command::Apply { file, stray, remote } => match (file, stray) {
+            (Some(file), None) => with_control(remote, |c| async move { commands::apply(&c, &file).await }),
+            (_, Some(stray)) => Err(format!(
+                "smesh apply takes its file after -f: smesh apply -f {}",
+                stray.display()
+            )),
+            (None, None) => Err("smesh apply needs -f FILE (a file, a directory or - for stdin)".into()),
+        },
         Command::Get {
             kind,
             name,
             output,
             remote,
         } => with_control(remote, |c| async move {
-            let table = matches!(
-                kind.as_str(),
-                "endpoints" | "endpoint" | "ep" | "proxies" | "proxy" | "certificates" | "certs"
-            );
-            let output = output.unwrap_or_else(|| if table { "table".into() } else { "yaml".into() });
+            let listing = name.is_none()
+                || matches!(
+                    kind.as_str(),
+                    "endpoints" | "endpoint" | "ep" | "proxies" | "proxy" | "certificates" | "certs"
+                );
+            let output = output.unwrap_or_else(|| if listing { "table".into() } else { "yaml".into() });
             commands::get(&c, &kind, name.as_deref(), &output).await
         }),
         Command::Delete { kind, name, remote } => {
