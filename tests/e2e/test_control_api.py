@@ -412,3 +412,23 @@ def test_cli_get_tables_kinds_and_tips(run, tmp_path):
     assert bad_output.returncode != 0 and "table, wide, yaml or json" in bad_output.stderr, bad_output
     tip = cp.cli("apply", f)
     assert tip.returncode != 0 and f"smesh apply -f {f}" in tip.stderr, tip.stderr
+
+
+def test_cli_connection_flags_work_before_the_subcommand(run):
+    """Issue 15 item 8: `smesh --control URL get ...` as kubectl users type it; a flag there
+    beats SMESH_CONTROL, as a flag after the subcommand does."""
+    import subprocess
+    from meshlib import SMESH_BIN
+    cp = run.control()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMESH_")}
+    env["XDG_STATE_HOME"] = os.path.join(run.workdir, "state")  # no demo found by accident
+    env["SMESH_CONTROL"] = "http://127.0.0.1:1"
+    r = subprocess.run([SMESH_BIN, "--control", cp.url, "--token-file", cp.token_file,
+                        "kv", "put", "k", "v"], capture_output=True, text=True, timeout=30,
+                       env=env, cwd=run.workdir, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([SMESH_BIN, "--control", cp.url, "get", "services", "-o", "json"],
+                       capture_output=True, text=True, timeout=30, env=env, cwd=run.workdir,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and json.loads(r.stdout) == [], (r.stdout, r.stderr)
+    assert cp.api("GET", "/v1/kv/k?raw", token=False).body == b"v"

@@ -26,8 +26,57 @@ struct Cli {
     /// leave out trace-level events (a debug build has them).
     #[arg(long, global = true, env = "SMESH_LOG", default_value = "info")]
     log_level: String,
+    /// --control and friends given before the subcommand (`smesh --control URL get ...`).
+    #[command(flatten)]
+    before: RemoteBefore,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The CLI's connection flags, accepted before the subcommand too (kubectl users put them
+/// there); the subcommand's own are what `--help` shows.
+#[derive(Args)]
+struct RemoteBefore {
+    #[arg(long = "control", id = "before_control", hide = true)]
+    control: Option<String>,
+    #[arg(long = "token", id = "before_token", hide = true)]
+    token: Option<String>,
+    #[arg(long = "token-file", id = "before_token_file", hide = true)]
+    token_file: Option<PathBuf>,
+    #[arg(long = "control-ca", id = "before_control_ca", hide = true)]
+    control_ca: Option<PathBuf>,
+}
+
+impl RemoteBefore {
+    /// Fills what `remote` lacks, or has only from the environment (a flag beats a variable).
+    fn apply_to(self, remote: &mut Remote) {
+        fn pick<T: PartialEq + From<String>>(slot: &mut Option<T>, before: Option<T>, env: &str) {
+            let from_env = std::env::var(env).ok().map(T::from);
+            if before.is_some() && (slot.is_none() || *slot == from_env) {
+                *slot = before;
+            }
+        }
+        pick(&mut remote.control, self.control, "SMESH_CONTROL");
+        pick(&mut remote.token, self.token, "SMESH_TOKEN");
+        pick(&mut remote.token_file, self.token_file, "SMESH_TOKEN_FILE");
+        pick(&mut remote.control_ca, self.control_ca, "SMESH_CONTROL_CA");
+    }
+}
+
+impl Command {
+    /// The connection flags of a command that talks to the control plane.
+    fn remote_mut(&mut self) -> Option<&mut Remote> {
+        match self {
+            Command::Apply { remote, .. }
+            | Command::Get { remote, .. }
+            | Command::Delete { remote, .. }
+            | Command::Check { remote }
+            | Command::Token { remote, .. }
+            | Command::Ca { remote, .. }
+            | Command::Kv { remote, .. } => Some(remote),
+            _ => None,
+        }
+    }
 }
 
 /// How the CLI reaches the control plane.
@@ -349,8 +398,11 @@ fn parse_app_protocol(s: &str) -> Result<smesh_model::Protocol, String> {
 
 fn main() -> ExitCode {
     malloc::keep_freed_memory();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     init_logging(&cli.log_level);
+    if let Some(remote) = cli.command.remote_mut() {
+        cli.before.apply_to(remote);
+    }
     let result = match cli.command {
         Command::Proxy(args) => smesh_proxy::run(ProxyOptions {
             config: args.config,
