@@ -412,6 +412,11 @@ def test_cli_get_tables_kinds_and_tips(run, tmp_path):
     assert bad_output.returncode != 0 and "table, wide, yaml or json" in bad_output.stderr, bad_output
     tip = cp.cli("apply", f)
     assert tip.returncode != 0 and f"smesh apply -f {f}" in tip.stderr, tip.stderr
+    # not a terminal: no ANSI colours in usage errors, errors or logs
+    usage = cp.cli("get")
+    assert usage.returncode != 0 and "<KIND>" in usage.stderr, usage.stderr
+    for text in (usage.stderr, unknown.stderr, cp.stderr()):
+        assert "\x1b[" not in text, text
 
 
 def test_cli_connection_flags_work_before_the_subcommand(run):

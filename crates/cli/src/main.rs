@@ -22,8 +22,9 @@ use std::time::Duration;
     about = "smesh: a service mesh (data plane proxy and tools)"
 )]
 struct Cli {
-    /// Log filter (e.g. info, debug, smesh_proxy=debug); RUST_LOG also works. Release builds
-    /// leave out trace-level events (a debug build has them).
+    /// Log filter, e.g. info, debug, smesh_proxy=debug (RUST_LOG also works).
+    ///
+    /// Release builds leave out trace-level events (a debug build has them).
     #[arg(long, global = true, env = "SMESH_LOG", default_value = "info")]
     log_level: String,
     /// --control and friends given before the subcommand (`smesh --control URL get ...`).
