@@ -5,6 +5,8 @@ mod commands;
 mod demo;
 mod endpoint;
 mod malloc;
+mod prometheus;
+mod stat;
 mod table;
 mod up;
 
@@ -74,7 +76,10 @@ impl Command {
             | Command::Check { remote }
             | Command::Token { remote, .. }
             | Command::Ca { remote, .. }
-            | Command::Kv { remote, .. } => Some(remote),
+            | Command::Kv { remote, .. }
+            | Command::Stat { remote, .. }
+            | Command::Edges { remote, .. }
+            | Command::PrometheusConfig { remote, .. } => Some(remote),
             _ => None,
         }
     }
@@ -139,6 +144,36 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Golden metrics from the proxies' last windows: request rate, success rate, latency
+    /// percentiles, TCP connections and bytes, mTLS share. No Prometheus needed.
+    Stat {
+        /// services, routes, edges or proxies.
+        #[arg(default_value = "services")]
+        view: String,
+        /// Only this service (route, either end of an edge, proxy).
+        #[arg(short = 'n', long = "name")]
+        name: Option<String>,
+        /// How far back (10s .. 1h, whole 10 s windows).
+        #[arg(long, default_value = "1m")]
+        window: String,
+        /// table, wide (adds requests, retries, shed, breaker overflows, rate-limited) or json.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Who calls whom: src -> dst with rate, success, p99 and the mTLS identities seen.
+    Edges {
+        /// Only edges from or to this service.
+        service: Option<String>,
+        #[arg(long, default_value = "1m")]
+        window: String,
+        /// table, wide or json.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Join tokens: a proxy uses one once to get its first certificate.
     Token {
         #[command(subcommand)]
@@ -165,6 +200,20 @@ enum Command {
         /// The file to check.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+    },
+    /// Print a Prometheus scrape configuration for every proxy connected to the control plane.
+    PrometheusConfig {
+        /// `file-sd`: a file_sd_configs target list (JSON); `static`: a whole prometheus.yml.
+        #[arg(long, default_value = "file-sd")]
+        format: String,
+        /// The scrape job's name (`static`).
+        #[arg(long, default_value = "smesh-proxies")]
+        job: String,
+        /// The scrape interval (`static`).
+        #[arg(long, default_value = "15s")]
+        interval: String,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Start a demo on this machine: sample services behind a proxy. Ctrl-C stops it all.
     Up(up::UpArgs),
@@ -481,6 +530,29 @@ fn main() -> ExitCode {
             with_control(remote, |c| async move { commands::delete(&c, &kind, &name).await })
         }
         Command::Check { remote } => with_control(remote, |c| async move { commands::check(&c).await }),
+        Command::Stat {
+            view,
+            name,
+            window,
+            output,
+            remote,
+        } => with_control(remote, |c| async move {
+            let args = stat::StatArgs {
+                view: &view,
+                name: name.as_deref(),
+                window: &window,
+                output: &output,
+            };
+            stat::stat(&c, args).await
+        }),
+        Command::Edges {
+            service,
+            window,
+            output,
+            remote,
+        } => with_control(remote, |c| async move {
+            stat::edges(&c, service.as_deref(), &window, &output).await
+        }),
         Command::Token { command, remote } => with_control(remote, |c| async move {
             match command {
                 TokenCommand::Create { service, ttl } => commands::token_create(&c, &service, &ttl).await,
@@ -507,6 +579,14 @@ fn main() -> ExitCode {
                 KvCommand::Delete { key } => commands::kv_delete(&c, &key).await,
                 KvCommand::Watch { prefix, index } => commands::kv_watch(&c, &prefix, index).await,
             }
+        }),
+        Command::PrometheusConfig {
+            format,
+            job,
+            interval,
+            remote,
+        } => with_control(remote, |c| async move {
+            prometheus::run(&c, &format, &job, &interval).await
         }),
         Command::Up(args) => up::run(args),
         Command::DemoApp(args) => demo::run(args),

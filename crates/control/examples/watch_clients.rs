@@ -278,6 +278,7 @@ async fn churn(
             )),
             lease_ttl_ms: args.lease_ttl_ms,
             applied_version: 0,
+            admin_address: String::new(),
         };
         let (url, shared, registered, goodbyes, failures) = (
             args.control.clone(),
@@ -386,6 +387,7 @@ async fn run(args: Args) {
                     }),
                     lease_ttl_ms: args.lease_ttl_ms,
                     applied_version: 0,
+                    admin_address: String::new(),
                 };
                 let state = shared.clients[i].clone();
                 let shared = shared.clone();

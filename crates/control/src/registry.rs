@@ -42,4 +42,7 @@ pub struct ProxyStatus {
     /// The SPIFFE ID the proxy announced (empty: it has no certificate).
     #[serde(default)]
     pub identity: String,
+    /// Where the proxy serves /metrics (empty: unknown, an older proxy or none).
+    #[serde(default)]
+    pub admin: String,
 }

@@ -17,7 +17,8 @@
 //! 6. `response_filters`: the route's response filters, upgrades become tunnels;
 //! 7. `finish`: response metrics, then [`listen::complete`] completes the request's
 //!    [`telemetry::event::RequestEvent`] when the response body ends, for the metrics, the
-//!    access log and the filters.
+//!    access log, the golden-metric window ([`telemetry::window`]) and the filters; a
+//!    request no consumer watches goes into the window at its response head.
 //!
 //! Opaque streams ([`tcp`]) report one [`telemetry::event::ConnectionEvent`] each.
 //! [`config::reload`], [`config::control`] and [`app::admin`] run on the main thread.
@@ -46,7 +47,8 @@
 //! - [`http`]: building blocks without policy: the one body type, headers, error responses,
 //!   replay, the upstream connection pools, the connector and the HTTP/2 client, upstream
 //!   request building.
-//! - [`telemetry`]: request and connection events, metrics, the access log.
+//! - [`telemetry`]: request and connection events, metrics, the access log, the
+//!   golden-metric windows [`config::control`] pushes to the control plane.
 //! - [`shutdown`]: the stop signal every background loop watches.
 
 pub mod app;

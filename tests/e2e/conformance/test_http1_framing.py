@@ -1000,3 +1000,13 @@ def test_h2c_in_route_upgrades_is_rejected(run, tmp_path):
 
 class RecordingUpstreamAddress:
     address = "127.0.0.1:9"
+
+
+@pytest.mark.timeout(30)
+def test_chunked_get_body_reaches_the_upstream(run, upstream):
+    """A GET may carry a body (RFC 9110 9.3.1): framed chunked by the client, it is forwarded
+    with its body, not as a bodiless GET with the body left behind."""
+    px = _proxy(run, upstream)
+    data = req(_hdr(b"Transfer-Encoding: chunked"), CHUNKED_HELLO, method=b"GET")
+    got, closed, extra = exchange(px.outbound, data)
+    assert_forwarded_once(px, upstream, got, closed, extra, "GET", "/f", b"hello")

@@ -1,10 +1,11 @@
-//! The HTTP admin API: resources, the KV API, join tokens, the CA and `check`. Writes need the
+//! The HTTP admin API: resources, the KV API, join tokens, the CA, `check` and the stats. Writes need the
 //! admin token; reads are open to loopback clients.
 
 pub mod ca;
 pub mod check;
 pub mod kv;
 pub mod resources;
+pub mod stats;
 pub mod tokens;
 
 use crate::store::{Store, StoreError};
@@ -20,6 +21,8 @@ pub struct ApiState {
     pub token: String,
     /// The CA in use (its roots, for `smesh check` and rotation).
     pub ca: crate::ca::CaHandle,
+    /// The golden-metric windows the proxies pushed.
+    pub stats: Arc<crate::stats::Ring>,
 }
 
 pub type Shared = Arc<ApiState>;
@@ -37,6 +40,7 @@ pub fn routes(state: Shared) -> Router {
         .route("/api/v1/tokens", axum::routing::post(tokens::create_token))
         .route("/api/v1/certificates", get(resources::certificates))
         .route("/api/v1/check", get(check::check))
+        .route("/api/v1/stats/{view}", get(stats::stats))
         .route("/api/v1/ca", get(ca::show))
         .route("/api/v1/ca/rotate", axum::routing::post(ca::rotate))
         .route("/api/v1/ca/retire", axum::routing::post(ca::retire))

@@ -9,6 +9,8 @@
 use crate::balance::health::Target;
 use crate::config::snapshot::Snapshot;
 use crate::http::body::Body;
+use crate::http::pool::{self, PoolSettings, SendError};
+use crate::identity::upstream::{Carry, Upstream};
 use crate::identity::TlsHandle;
 use crate::telemetry::metrics::Metrics;
 use arc_swap::ArcSwap;
@@ -259,36 +261,15 @@ impl Checker {
     /// Over mesh mTLS (HTTP/2) when the endpoint is a peer proxy, as requests are.
     async fn send(&self, req: Request<Body>, app_version: Version) -> Result<http::Response<Body>, String> {
         let tls = self.tls.load_full();
-        let mesh = tls
-            .as_ref()
-            .zip(self.target.endpoint.server_name.clone())
-            .map(|(tls, name)| crate::http::pool::Mesh {
-                client: tls.client_h2.clone(),
-                name,
-            });
-        let version = if mesh.is_some() { Version::HTTP_2 } else { app_version };
+        let upstream = Upstream::new(&self.target.endpoint, tls.as_deref(), app_version, Carry::Http);
         let (mut parts, body) = req.into_parts();
-        if mesh.is_some() && app_version != Version::HTTP_2 {
-            parts
-                .headers
-                .insert("smesh-orig-proto", HeaderValue::from_static("HTTP/1.1"));
-        }
-        let req = crate::http::request::build_request(parts, version, body);
-        match crate::http::pool::send(
-            self.target.endpoint.addr,
-            version,
-            req,
-            crate::http::pool::PoolSettings::new(self.connect_timeout, None),
-            false,
-            mesh,
-        )
-        .await
-        {
+        upstream.mark(&mut parts.headers);
+        let req = crate::http::request::build_request(parts, upstream.version, body);
+        let settings = PoolSettings::new(self.connect_timeout, None);
+        match pool::send(upstream.addr, upstream.version, req, settings, false, upstream.mesh).await {
             Ok(resp) => Ok(resp),
-            Err(crate::http::pool::SendError::Connect(e, _)) => Err(format!("connect: {e}")),
-            Err(crate::http::pool::SendError::Upstream(e) | crate::http::pool::SendError::Refused(e)) => {
-                Err(format!("exchange: {e}"))
-            }
+            Err(SendError::Connect(e, _)) => Err(format!("connect: {e}")),
+            Err(SendError::Upstream(e) | SendError::Refused(e)) => Err(format!("exchange: {e}")),
         }
     }
 }

@@ -20,6 +20,7 @@ use crate::listen::server::{ListenerSpec, Shared};
 use crate::shutdown::wait_for_signal;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::window::Stats;
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -59,6 +60,8 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
     };
     // Requests leaving this proxy present its workload's identity.
     let tls: TlsHandle = identity.as_ref().map(|i| i.tls.clone()).unwrap_or_default();
+    // Golden metrics go to the control plane: without one, nothing records them.
+    let stats = (!options.control.is_empty()).then(|| Arc::new(Stats::new(workers.count())));
     let shared = Arc::new(Shared {
         config: config.clone(),
         metrics: metrics.clone(),
@@ -69,6 +72,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         tls: tls.clone(),
         resets: Arc::new(ResetLimiter::new(options.limits.max_client_resets)),
         identities: identities.clone(),
+        stats: stats.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let worker_count = workers.count();
@@ -138,6 +142,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
                     metrics: metrics.clone(),
                     configured: configured.clone(),
                     max_config_bytes: options.max_config_bytes,
+                    stats: stats.clone(),
                 };
                 tokio::spawn(client.run(stop_rx.clone()))
             }
@@ -253,5 +258,6 @@ fn hello(options: &ProxyOptions, workload: Option<&Workload>, identity: String) 
         endpoint: workload.and_then(|w| w.endpoint(identity)),
         lease_ttl_ms: options.lease_ttl.map_or(0, |d| d.as_millis() as u64),
         applied_version: 0,
+        admin_address: options.admin.to_string(),
     }
 }

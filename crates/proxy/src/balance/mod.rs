@@ -127,6 +127,33 @@ impl Drop for InFlight {
     }
 }
 
+/// A failed connect moves on to another endpoint at most this many times (HTTP tries and
+/// TCP connections alike).
+pub const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+/// The endpoints one request or connection could not reach, for the balancer to skip: the
+/// one rule for moving on after a failed connect.
+#[derive(Debug, Default)]
+pub struct Unreachable(Vec<SocketAddr>);
+
+impl Unreachable {
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Records that `endpoint` could not be reached (the balancer avoids it for a while)
+    /// and says whether another endpoint of `balancer` may be tried.
+    pub fn connect_failed(&mut self, endpoint: &Endpoint, balancer: &Balancer) -> bool {
+        mark_failed(endpoint);
+        self.0.push(endpoint.addr);
+        self.0.len() < MAX_CONNECT_ATTEMPTS.min(balancer.len().max(1))
+    }
+}
+
 /// The endpoint refused or failed a connection: avoid it for a while.
 pub fn mark_failed(endpoint: &Endpoint) {
     avoid(endpoint, FAILURE_BACKOFF);

@@ -13,11 +13,12 @@ pub mod request_body;
 #[cfg(test)]
 mod tests;
 
-use crate::balance::{mark_failed, InFlight};
+use crate::balance::{InFlight, Unreachable};
 use crate::filter::Filter;
 use crate::http::body::{Body, ClientBody};
-use crate::http::errors::ProxyError;
-use crate::http::pool::{self, SendError};
+pub use crate::http::errors::Failure;
+use crate::http::errors::{Cause, ProxyError};
+use crate::http::pool::{self, RetryClass};
 use crate::http::request::{build_request, upstream_version, ORIG_PROTO};
 use crate::http::saved_head::SavedHead;
 use crate::identity::upstream::{Carry, Upstream};
@@ -28,15 +29,11 @@ use crate::telemetry::metrics::Metrics;
 use http::request::Parts;
 use http::{HeaderMap, Response, Version};
 use request_body::{NoReplay, RequestBody};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Connection failures are retried on other endpoints this many times per request.
-const MAX_CONNECT_ATTEMPTS: usize = 3;
-
-/// Why the proxy answers a request itself, and the detail for the client.
-pub type Failure = (ProxyError, String);
+/// An HTTP/2 upstream's refusals of a stream, sent again each time, at most this many.
+const MAX_REFUSED: usize = 3;
 
 /// What the tries of one request need besides the request.
 pub struct Dispatch<'a> {
@@ -104,10 +101,7 @@ impl Dispatch<'_> {
         match deadline {
             Some(d) => match tokio::time::timeout_at((start + d).into(), tries).await {
                 Ok(r) => r,
-                Err(_) => Err((
-                    ProxyError::Timeout,
-                    format!("request timeout {}", humantime::format_duration(d)),
-                )),
+                Err(_) => Err(Failure::new(ProxyError::Timeout, Cause::RequestTimeout(d))),
             },
             None => tries.await,
         }
@@ -137,12 +131,12 @@ impl Tries<'_, '_> {
     async fn run(mut self, ctx: &mut RequestCtx, body: &mut RequestBody) -> Result<Response<Body>, Failure> {
         let rule = self.dispatch.rule;
         let upgrade = self.upgrade;
-        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut unreachable = Unreachable::default();
         let mut retries = 0u32;
         // Tries an HTTP/2 upstream refused unprocessed.
         let mut refused = 0usize;
         // A retry avoids the endpoint that just failed when another one is left.
-        let mut avoid: Option<SocketAddr> = None;
+        let mut avoid: Option<std::net::SocketAddr> = None;
         let mut _retry_permit = None;
         let mut priority = None;
         loop {
@@ -156,52 +150,47 @@ impl Tries<'_, '_> {
                         let headers = self.head.as_ref().map(|h| &h.headers);
                         crate::resilience::shed::request_priority(headers, rule.priority)
                     });
-                    p.shed(priority).map_err(|detail| (ProxyError::LoadShed, detail))?
+                    p.shed(priority)
+                        .map_err(|detail| Failure::said(ProxyError::LoadShed, detail))?
                 }
                 None => None,
             };
             // BackendPolicy circuit breaker: a slot for this try, or 503 at once.
             let _permit = match &backend.policy {
                 Some(p) => p
-                    .admit(version == Version::HTTP_11, retries == 0 && tried.is_empty())
+                    .admit(version == Version::HTTP_11, retries == 0 && unreachable.is_empty())
                     .await
-                    .map_err(|detail| (ProxyError::CircuitOpen, detail))?,
+                    .map_err(|detail| Failure::said(ProxyError::CircuitOpen, detail))?,
                 None => None,
             };
+            let tried = unreachable.addrs();
             let picked = match avoid.take() {
                 Some(prev) if backend.balancer.len() > 1 => {
-                    let mut exclude = tried.clone();
+                    let mut exclude = tried.to_vec();
                     exclude.push(prev);
-                    backend
-                        .balancer
-                        .pick(&exclude)
-                        .or_else(|| backend.balancer.pick(&tried))
+                    backend.balancer.pick(&exclude).or_else(|| backend.balancer.pick(tried))
                 }
-                _ => backend.balancer.pick(&tried),
+                _ => backend.balancer.pick(tried),
             };
             let Some(endpoint) = picked else {
                 return Err(if backend.balancer.is_empty() {
-                    // A subset's balancer is empty when no endpoint has its labels, however
-                    // many the service has: say which subset.
-                    let detail = match &backend.subset {
-                        Some(subset) => format!(
-                            "none in {subset} (no endpoint of {:?} has these labels)",
-                            backend.service
-                        ),
-                        None => format!("service {:?} has no endpoints", backend.service),
+                    let service = backend.service.clone();
+                    let cause = match &backend.subset {
+                        // A subset's balancer is empty when no endpoint has its labels,
+                        // however many the service has: say which subset.
+                        Some(subset) => Cause::NoneInSubset(service, subset.clone()),
+                        None => Cause::NoEndpoints(service),
                     };
-                    (ProxyError::NoEndpoints, detail)
+                    Failure::new(ProxyError::NoEndpoints, cause)
                 } else {
-                    (
-                        ProxyError::ConnectFailed,
-                        format!("no reachable endpoint of {:?}", backend.service),
-                    )
+                    let cause = Cause::NoReachableEndpoint(backend.service.clone());
+                    Failure::new(ProxyError::ConnectFailed, cause)
                 });
             };
             let endpoint = endpoint.clone();
             let have_head = self.head.is_some() || self.saved.is_some();
             let Some(try_body) = body.for_try().filter(|_| have_head) else {
-                return Err((ProxyError::UpstreamFailed, "request body already sent".into()));
+                return Err(Failure::new(ProxyError::UpstreamFailed, Cause::BodyAlreadySent));
             };
             // The head goes to this try; a copy stays for the next one when the body can
             // be sent again. (The first try gets the original: hyper parses the response
@@ -296,43 +285,49 @@ impl Tries<'_, '_> {
                     }
                     status
                 }
-                Some(Err(SendError::Connect(e, req))) => {
-                    mark_failed(&endpoint);
-                    tried.push(endpoint.addr);
-                    let (parts, unsent) = req.into_parts();
-                    self.head = Some(parts);
-                    body.give_back(unsent);
-                    if tried.len() >= MAX_CONNECT_ATTEMPTS.min(backend.balancer.len().max(1)) {
-                        return Err((ProxyError::ConnectFailed, format!("{}: {e}", endpoint.addr)));
+                Some(Err(e)) => {
+                    let class = e.retry_class();
+                    let (error, unsent) = e.into_parts();
+                    match class {
+                        RetryClass::Elsewhere => {
+                            if let Some(req) = unsent {
+                                let (parts, unsent_body) = req.into_parts();
+                                self.head = Some(parts);
+                                body.give_back(unsent_body);
+                            }
+                            if !unreachable.connect_failed(&endpoint, &backend.balancer) {
+                                let cause = Cause::Connect(endpoint.addr, error);
+                                return Err(Failure::new(ProxyError::ConnectFailed, cause));
+                            }
+                            continue;
+                        }
+                        RetryClass::Resend => {
+                            // Sent again (a new connection if that one is going away).
+                            refused += 1;
+                            let body_kept = body.replay().is_ok();
+                            if refused > MAX_REFUSED || self.saved.is_none() || !body_kept {
+                                let cause = Cause::Upstream(endpoint.addr, error);
+                                return Err(Failure::new(ProxyError::UpstreamFailed, cause));
+                            }
+                            tracing::debug!(endpoint = %endpoint.addr, %error, "stream refused: sending again");
+                            continue;
+                        }
+                        RetryClass::Never => {
+                            return Err(Failure::new(ProxyError::BadRequest, Cause::ClientBody(error)));
+                        }
+                        RetryClass::ByPolicy(status) => {
+                            if !may_retry(status, None) {
+                                let cause = Cause::Upstream(endpoint.addr, error);
+                                return Err(Failure::new(ProxyError::UpstreamFailed, cause));
+                            }
+                            status
+                        }
                     }
-                    continue;
-                }
-                Some(Err(SendError::Refused(e))) => {
-                    // Nothing was processed: sent again (a new connection if that one is
-                    // going away), like a failed connect, not counted as a retry.
-                    refused += 1;
-                    let body_kept = body.replay().is_ok();
-                    if refused > MAX_CONNECT_ATTEMPTS || self.saved.is_none() || !body_kept {
-                        return Err((ProxyError::UpstreamFailed, format!("{}: {e}", endpoint.addr)));
-                    }
-                    tracing::debug!(endpoint = %endpoint.addr, error = %e, "stream refused: sending again");
-                    continue;
-                }
-                Some(Err(SendError::Upstream(e))) if crate::http::body::is_client_body_error(&*e) => {
-                    return Err((ProxyError::BadRequest, e.to_string()));
-                }
-                Some(Err(SendError::Upstream(e))) => {
-                    if !may_retry(502, None) {
-                        return Err((ProxyError::UpstreamFailed, format!("{}: {e}", endpoint.addr)));
-                    }
-                    502
                 }
                 None => {
                     if !may_retry(504, None) {
-                        return Err((
-                            ProxyError::Timeout,
-                            format!("no response from {} in time", endpoint.addr),
-                        ));
+                        let cause = Cause::NoAnswerInTime(endpoint.addr);
+                        return Err(Failure::new(ProxyError::Timeout, cause));
                     }
                     504
                 }

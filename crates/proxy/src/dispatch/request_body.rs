@@ -4,7 +4,7 @@
 
 use crate::dispatch::Failure;
 use crate::http::body::{Body, ClientBody};
-use crate::http::errors::ProxyError;
+use crate::http::errors::{Cause, ProxyError};
 use crate::http::replay::Replay;
 use crate::http::tee::{TapSender, Tee};
 use crate::route::mirror::MirrorBody;
@@ -59,7 +59,7 @@ impl RequestBody {
                     mirror(MirrorBody::Kept(&kept));
                     Ok(RequestBody::Kept(kept))
                 }
-                Err(e) => Err((ProxyError::BadRequest, format!("reading request body: {e}"))),
+                Err(e) => Err(Failure::new(ProxyError::BadRequest, Cause::ClientBody(e))),
             };
         }
         let taps = mirror(MirrorBody::Streamed(body.size_hint()));

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 use tokio::net::TcpListener;
@@ -131,7 +132,7 @@ fn empty() -> ClientBody {
 fn status(result: &Result<Response<Body>, Failure>) -> u16 {
     match result {
         Ok(resp) => resp.status().as_u16(),
-        Err((error, _)) => error.status().as_u16(),
+        Err(failure) => failure.error.status().as_u16(),
     }
 }
 
@@ -187,7 +188,13 @@ async fn a_full_circuit_breaker_refuses_at_once() {
         send(&s, &metrics, empty(), 0).await
     });
     assert_eq!(status(&first.1), 200);
-    assert!(matches!(second.1, Err((ProxyError::CircuitOpen, _))));
+    assert!(matches!(
+        second.1,
+        Err(Failure {
+            error: ProxyError::CircuitOpen,
+            ..
+        })
+    ));
     assert_eq!(second.0.tries, 0, "refused before any try");
     assert!(started.elapsed() < Duration::from_secs(2));
 }
@@ -240,7 +247,13 @@ async fn a_per_try_timeout_ends_each_try() {
     let s = snapshot(&metrics, &[up.addr], rule, "");
     let started = Instant::now();
     let (ctx, result) = send(&s, &metrics, empty(), 0).await;
-    assert!(matches!(result, Err((ProxyError::Timeout, _))));
+    assert!(matches!(
+        result,
+        Err(Failure {
+            error: ProxyError::Timeout,
+            ..
+        })
+    ));
     assert_eq!(ctx.tries, 2);
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
 }

@@ -2,7 +2,7 @@
 //! HTTP/1 connections and shared HTTP/2 connections live in thread-local tables, so the
 //! request path takes no lock and a connection never hops between threads.
 
-use crate::http::body::{Body, BodyError};
+use crate::http::body::{is_client_body_error, Body, BodyError};
 use crate::http::h2_upstream;
 use http::{Request, Response, Version};
 use hyper::client::conn::http1;
@@ -67,6 +67,40 @@ pub enum SendError {
     /// An HTTP/2 upstream refused the stream unprocessed (GOAWAY, REFUSED_STREAM): it may be
     /// sent again on a new connection, whatever the route's retry policy.
     Refused(BodyError),
+}
+
+/// What a failed send allows next, decided by where it failed (Pingora's `RetryType`): only
+/// `ByPolicy` is left to the route's retry policy and the retry budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryClass {
+    /// Nothing reached the upstream: another endpoint, not counted as a retry.
+    Elsewhere,
+    /// The upstream refused it unprocessed: the same request again, not counted as a retry.
+    Resend,
+    /// It may have been processed: again only as the route's policy allows, read as this
+    /// status.
+    ByPolicy(u16),
+    /// The client's own body failed: never again.
+    Never,
+}
+
+impl SendError {
+    pub fn retry_class(&self) -> RetryClass {
+        match self {
+            SendError::Connect(..) => RetryClass::Elsewhere,
+            SendError::Refused(_) => RetryClass::Resend,
+            SendError::Upstream(e) if is_client_body_error(&**e) => RetryClass::Never,
+            SendError::Upstream(_) => RetryClass::ByPolicy(502),
+        }
+    }
+
+    /// The error, and the request when none of it was sent.
+    pub fn into_parts(self) -> (BodyError, Option<Box<Request<Body>>>) {
+        match self {
+            SendError::Connect(e, req) => (e.into(), Some(req)),
+            SendError::Upstream(e) | SendError::Refused(e) => (e, None),
+        }
+    }
 }
 
 /// Hands an HTTP/1 connection back to the worker's idle pool when a response body is done

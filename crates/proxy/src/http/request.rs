@@ -63,6 +63,63 @@ pub(crate) fn build_request(mut parts: Parts, version: Version, body: Body) -> R
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.uri = Uri::from(path);
     }
+    if version != Version::HTTP_2 {
+        keep_body_of_bodiless_method(&mut parts, &body);
+    }
     parts.version = version;
     Request::from_parts(parts, body)
+}
+
+/// hyper's HTTP/1 client sends no body for a GET, HEAD or CONNECT whose length it does not
+/// know unless the head frames one: a client's chunked GET body (or an HTTP/2 GET with DATA
+/// frames) would be dropped on the way. Framed here as chunked, it arrives as it was sent.
+fn keep_body_of_bodiless_method(parts: &mut Parts, body: &Body) {
+    use http_body::Body as _;
+    if !matches!(parts.method, http::Method::GET | http::Method::HEAD)
+        || body.is_end_stream()
+        || body.size_hint().exact().is_some()
+        || parts.headers.contains_key(header::TRANSFER_ENCODING)
+        || parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        return;
+    }
+    parts
+        .headers
+        .insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::body::ClientBody;
+    use bytes::Bytes;
+    use http_body_util::StreamBody;
+
+    fn unsized_body() -> Body {
+        let frames = vec![Ok::<_, crate::http::body::BodyError>(http_body::Frame::data(
+            Bytes::from("hi"),
+        ))];
+        ClientBody::new(StreamBody::new(tokio_stream::iter(frames))).into_streaming()
+    }
+
+    fn head(method: http::Method) -> Parts {
+        let mut req = Request::new(());
+        *req.method_mut() = method;
+        req.into_parts().0
+    }
+
+    #[test]
+    fn a_get_with_a_body_of_unknown_length_is_framed_as_chunked_for_http1() {
+        let req = build_request(head(http::Method::GET), Version::HTTP_11, unsized_body());
+        assert_eq!(req.headers()[header::TRANSFER_ENCODING], "chunked");
+        // HTTP/2 frames bodies itself; an empty GET or a POST needs nothing (hyper frames a POST).
+        for (method, version, body) in [
+            (http::Method::GET, Version::HTTP_2, unsized_body()),
+            (http::Method::GET, Version::HTTP_11, Body::Empty),
+            (http::Method::POST, Version::HTTP_11, unsized_body()),
+        ] {
+            let req = build_request(head(method), version, body);
+            assert!(!req.headers().contains_key(header::TRANSFER_ENCODING));
+        }
+    }
 }

@@ -4,11 +4,13 @@
 //!
 //! A response is watched only when some consumer takes the event (the access log is on,
 //! filters are installed, or the request is a gRPC call, whose status comes in the
-//! trailers); otherwise nothing is built and the response goes out untouched.
+//! trailers); otherwise nothing is built and the response goes out untouched (the
+//! golden-metric window then takes the request at its head, `crate::listen::http`).
 
 use crate::http::body::{Body, BodyError};
 use crate::listen::server::Shared;
 use crate::telemetry::event::{BodyEnd, RequestCtx, RequestEvent};
+use crate::telemetry::window::Sample;
 use bytes::Bytes;
 use http::{HeaderMap, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -32,6 +34,9 @@ impl Shared {
     pub fn deliver(&self, event: &RequestEvent) {
         if let Some(route) = event.ctx.route.as_ref().filter(|_| event.ctx.grpc) {
             route.grpc_response(event.grpc_status);
+        }
+        if let Some(stats) = &self.stats {
+            stats.record(&Sample::of_event(event));
         }
         if let Some(log) = &self.access_log {
             log.record_request(event);
@@ -175,6 +180,7 @@ mod tests {
             tls: Default::default(),
             resets: Arc::new(crate::http::resets::ResetLimiter::new(0)),
             identities: Default::default(),
+            stats: None,
         };
         (Arc::new(shared), metrics)
     }

@@ -5,13 +5,14 @@
 use crate::balance::Balancer;
 use crate::dispatch::Dispatch;
 use crate::http::body::Body;
-use crate::http::errors::ProxyError;
+use crate::http::errors::{Failure, ProxyError};
 use crate::http::headers::{authority, grpc_timeout, is_grpc, strip_hop_by_hop, tunnelled_upgrade};
 use crate::listen::server::Shared;
 use crate::resilience::ratelimit::RateLimits;
 use crate::route::rule::Rule;
 use crate::tcp;
 use crate::telemetry::event::{ConnectionEvent, ConnectionKind, RequestCtx};
+use crate::telemetry::window::Sample;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
@@ -102,7 +103,7 @@ impl HttpProxy {
             let upgrade = client_upgrade.is_some();
             let mut resp = match self.dispatch(&rule).send(&mut ctx, parts, body, upgrade).await {
                 Ok(resp) => resp,
-                Err((error, detail)) => break 'stages self.fail(&mut ctx, error, &detail),
+                Err(failure) => break 'stages self.fail(&mut ctx, failure),
             };
             self.response_filters(&mut ctx, &mut resp, &rule, client_upgrade);
             resp
@@ -111,6 +112,10 @@ impl HttpProxy {
         // Moved only when a consumer takes the event (most requests: none).
         if self.shared.want(&ctx) {
             resp = crate::listen::complete::watch(ctx, resp, &self.shared);
+        } else if let Some(stats) = &self.shared.stats {
+            // Nobody watches the body: the window takes the request as its head leaves.
+            let announced = http_body::Body::size_hint(resp.body()).exact();
+            stats.record(&Sample::at_head(&ctx, resp.status().as_u16(), announced));
         }
         Ok(resp)
     }
@@ -121,7 +126,7 @@ impl HttpProxy {
         if self.shared.want_head() {
             ctx.keep_head(req, authority(req));
         }
-        check_host(req).map_err(|detail| self.fail(ctx, ProxyError::BadRequest, detail))
+        check_host(req).map_err(|detail| self.fail(ctx, Failure::said(ProxyError::BadRequest, detail)))
     }
 
     /// Inbound: authorization with the verified peer identity; on success, this proxy's share
@@ -136,7 +141,8 @@ impl HttpProxy {
             Some(Decision::Deny(policy)) => {
                 let by = policy.as_deref().unwrap_or("the default policy");
                 let who = self.peer.as_deref().unwrap_or("an unauthenticated peer");
-                Err(self.fail(ctx, ProxyError::Forbidden, &format!("{who} denied by {by}")))
+                let failure = Failure::said(ProxyError::Forbidden, format!("{who} denied by {by}"));
+                Err(self.fail(ctx, failure))
             }
         }
     }
@@ -150,7 +156,7 @@ impl HttpProxy {
         };
         let Some(service) = service else {
             let detail = authority(req).unwrap_or("(none)").to_string();
-            return Err(self.fail(ctx, ProxyError::UnknownAuthority, &detail));
+            return Err(self.fail(ctx, Failure::said(ProxyError::UnknownAuthority, detail)));
         };
         if req.method() == Method::CONNECT {
             ctx.destination = Some(service.name.clone());
@@ -160,7 +166,7 @@ impl HttpProxy {
             Some(rule) => Ok(Routed::Rule(rule.clone())),
             None => {
                 let detail = format!("{} {}", req.method(), req.uri().path());
-                Err(self.fail(ctx, ProxyError::NoRoute, &detail))
+                Err(self.fail(ctx, Failure::said(ProxyError::NoRoute, detail)))
             }
         }
     }
@@ -240,7 +246,7 @@ impl HttpProxy {
             // A switch nobody asked for (an upgrade the proxy stripped, or another protocol
             // than the one offered) would make the connection a tunnel the proxy cannot read.
             let detail = "101 Switching Protocols to a protocol the proxy did not ask for";
-            *resp = self.fail(ctx, ProxyError::UpstreamFailed, detail);
+            *resp = self.fail(ctx, Failure::said(ProxyError::UpstreamFailed, detail));
             return;
         }
         match client_upgrade {
@@ -272,24 +278,26 @@ impl HttpProxy {
         }
     }
 
-    fn fail(&self, ctx: &mut RequestCtx, error: ProxyError, detail: &str) -> Response<Body> {
-        self.shared.metrics.proxy_error(self.direction, error.reason());
-        ctx.error = Some(error.reason());
-        error.response(detail, ctx.grpc)
+    /// The proxy's own answer: counted, noted in the request's context, worded.
+    fn fail(&self, ctx: &mut RequestCtx, failure: Failure) -> Response<Body> {
+        self.shared.metrics.proxy_error(self.direction, failure.error.reason());
+        ctx.error = Some(failure.error.reason());
+        failure.response(ctx.grpc)
     }
 
     /// `CONNECT service:port`: a TCP tunnel to one of the service's endpoints.
     async fn tunnel(&self, ctx: &mut RequestCtx, req: &mut Request<Incoming>, balancer: &Balancer) -> Response<Body> {
         let tls = self.shared.tls.load_full();
-        let (upstream, addr) =
-            match tcp::connect_any(balancer, self.shared.limits.connect_timeout, tls.as_deref()).await {
-                Ok(connected) => connected,
-                Err((error, detail)) => {
-                    // CONNECT errors are plain HTTP, whatever the content type says.
-                    ctx.grpc = false;
-                    return self.fail(ctx, error, &detail);
-                }
-            };
+        let service = ctx.destination.clone().unwrap_or_default();
+        let timeout = self.shared.limits.connect_timeout;
+        let (upstream, addr) = match tcp::connect_any(&service, balancer, timeout, tls.as_deref()).await {
+            Ok(connected) => connected,
+            Err(failure) => {
+                // CONNECT errors are plain HTTP, whatever the content type says.
+                ctx.grpc = false;
+                return self.fail(ctx, failure);
+            }
+        };
         ctx.endpoint = Some(addr);
         ctx.tries = 1;
         let on_upgrade = hyper::upgrade::on(req);

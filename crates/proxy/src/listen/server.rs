@@ -16,6 +16,7 @@ use crate::shutdown::stopped;
 use crate::tcp;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::window::Stats;
 use arc_swap::ArcSwap;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -65,6 +66,9 @@ const KICKED_DRAIN: Duration = Duration::from_secs(1);
 
 impl crate::telemetry::event::ConnectionSink for Shared {
     fn connection_done(&self, event: &crate::telemetry::event::ConnectionEvent) {
+        if let Some(stats) = &self.stats {
+            stats.record_connection(event);
+        }
         if let Some(log) = &self.access_log {
             log.record_connection(event);
         }
@@ -90,6 +94,8 @@ pub struct Shared {
     pub resets: Arc<ResetLimiter>,
     /// Every identity this proxy serves mesh TLS for, chosen by the name the client sent.
     pub identities: Arc<Identities>,
+    /// The golden-metric window, when a control plane collects it.
+    pub stats: Option<Arc<Stats>>,
 }
 
 pub struct ListenerSpec {
@@ -375,11 +381,13 @@ impl Connection {
         };
         let tls = self.shared.tls.load_full();
         let (upstream, addr) =
-            match tcp::connect_any(balancer, self.shared.limits.connect_timeout, tls.as_deref()).await {
+            match tcp::connect_any(service, balancer, self.shared.limits.connect_timeout, tls.as_deref()).await {
                 Ok(connected) => connected,
-                Err((error, detail)) => {
-                    tracing::debug!(service, %detail, "tcp connect failed");
-                    self.shared.metrics.proxy_error(self.spec.direction, error.reason());
+                Err(failure) => {
+                    tracing::debug!(service, %failure, "tcp connect failed");
+                    self.shared
+                        .metrics
+                        .proxy_error(self.spec.direction, failure.error.reason());
                     return;
                 }
             };

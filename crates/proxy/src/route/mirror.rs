@@ -6,11 +6,12 @@
 
 use crate::balance::{Balancer, InFlight};
 use crate::http::body::Body;
-use crate::http::request::{build_request, upstream_version, ORIG_PROTO};
+use crate::http::request::{build_request, upstream_version};
 use crate::http::tee::TapSender;
+use crate::identity::upstream::{Carry, Upstream};
 use bytes::Bytes;
 use http::request::Parts;
-use http::{Request, Version};
+use http::Request;
 use http_body_util::BodyExt;
 use prometheus::IntCounter;
 use smesh_model::Protocol;
@@ -98,32 +99,24 @@ impl Mirror {
             }
         };
         let app_version = upstream_version(self.protocol, head.version, false);
-        let mesh = mesh_tls
-            .zip(endpoint.server_name.clone())
-            .map(|(tls, name)| crate::http::pool::Mesh {
-                client: tls.client_h2.clone(),
-                name,
-            });
-        let version = if mesh.is_some() { Version::HTTP_2 } else { app_version };
+        let upstream = Upstream::new(&endpoint, mesh_tls.map(|t| &**t), app_version, Carry::Http);
         let mut req = Request::new(());
         *req.method_mut() = head.method.clone();
         *req.uri_mut() = head.uri.clone();
         *req.headers_mut() = head.headers.clone();
-        if mesh.is_some() && app_version != Version::HTTP_2 {
-            req.headers_mut()
-                .insert(ORIG_PROTO, http::HeaderValue::from_static("HTTP/1.1"));
-        }
+        upstream.mark(req.headers_mut());
         let (parts, ()) = req.into_parts();
-        let req = build_request(parts, version, body);
+        let req = build_request(parts, upstream.version, body);
         let counters = self.counters.clone();
         let settings = crate::http::pool::PoolSettings::new(connect_timeout, None);
         tokio::spawn(async move {
             let _slot = slot;
             let in_flight = InFlight::start(&endpoint);
             let exchange = async {
-                let resp = crate::http::pool::send(endpoint.addr, version, req, settings, false, mesh)
-                    .await
-                    .map_err(|_| ())?;
+                let resp =
+                    crate::http::pool::send(upstream.addr, upstream.version, req, settings, false, upstream.mesh)
+                        .await
+                        .map_err(|_| ())?;
                 in_flight.answered();
                 resp.into_body().collect().await.map_err(|_| ())?;
                 Ok::<(), ()>(())

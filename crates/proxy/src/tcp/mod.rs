@@ -1,8 +1,8 @@
 //! Opaque TCP forwarding: full duplex, half-close preserved, one [`ConnectionEvent`] per
 //! connection.
 
-use crate::balance::{mark_failed, Balancer};
-use crate::http::errors::ProxyError;
+use crate::balance::{Balancer, Unreachable};
+use crate::http::errors::{Cause, Failure, ProxyError};
 use crate::http::pool::{connect_maybe_tls, Io};
 use crate::identity::upstream::{Carry, Upstream};
 use crate::identity::MeshTls;
@@ -14,32 +14,35 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-const MAX_CONNECT_ATTEMPTS: usize = 3;
-
 /// Connects to an endpoint of `balancer`, moving on to another one when a connect fails.
 /// Endpoints fronted by a smesh proxy are reached over mesh mTLS when this proxy has an
 /// identity; the peer must present the identity the control plane announced for it.
 pub async fn connect_any(
+    service: &str,
     balancer: &Balancer,
     timeout: Duration,
     tls: Option<&MeshTls>,
-) -> Result<(Box<dyn Io>, SocketAddr), (ProxyError, String)> {
+) -> Result<(Box<dyn Io>, SocketAddr), Failure> {
     if balancer.is_empty() {
-        return Err((ProxyError::NoEndpoints, "no endpoints".into()));
+        return Err(Failure::new(
+            ProxyError::NoEndpoints,
+            Cause::NoEndpoints(service.into()),
+        ));
     }
-    let mut tried = Vec::new();
-    let mut last_error = String::new();
-    while tried.len() < MAX_CONNECT_ATTEMPTS {
-        let Some(endpoint) = balancer.pick(&tried) else { break };
+    let mut unreachable = Unreachable::default();
+    while let Some(endpoint) = balancer.pick(unreachable.addrs()) {
         let upstream = Upstream::new(endpoint, tls, Version::HTTP_11, Carry::Tcp);
-        match connect_maybe_tls(upstream.addr, timeout, upstream.mesh.as_ref()).await {
+        let error = match connect_maybe_tls(upstream.addr, timeout, upstream.mesh.as_ref()).await {
             Ok(io) => return Ok((io.into_inner(), endpoint.addr)),
-            Err(e) => last_error = format!("{}: {e}", endpoint.addr),
+            Err(e) => e,
+        };
+        if !unreachable.connect_failed(endpoint, balancer) {
+            let cause = Cause::Connect(endpoint.addr, error.into());
+            return Err(Failure::new(ProxyError::ConnectFailed, cause));
         }
-        mark_failed(endpoint);
-        tried.push(endpoint.addr);
     }
-    Err((ProxyError::ConnectFailed, last_error))
+    let cause = Cause::NoReachableEndpoint(service.into());
+    Err(Failure::new(ProxyError::ConnectFailed, cause))
 }
 
 /// An opaque connection about to be spliced: its event so far (who, where to), and where

@@ -260,6 +260,11 @@ impl RouteMetrics {
             .inc();
     }
 
+    /// The route's Service.
+    pub fn service_name(&self) -> &str {
+        &self.labels[1]
+    }
+
     /// The route's name.
     pub fn route_name(&self) -> &str {
         &self.labels[2]
