@@ -93,6 +93,9 @@ def test_a_second_up_is_refused_at_once_and_the_first_is_untouched(run, tmp_path
     assert f"https://127.0.0.1:{base + 40}" in err and str(tmp_path / "smesh-data") in err, err
     assert f"kill {first.pid}" in err and "Ctrl-C" in err, err
     assert "is up" not in second.stdout, second.stdout
+    # --reset must not delete a running demo's state either
+    resetting = _smesh("up", "--port", free_up_base(), "--no-load", "--reset", cwd=tmp_path, timeout=20)
+    assert resetting.returncode != 0 and "already running" in resetting.stderr, resetting.stderr
 
     # another directory, the same ports: refused naming the port and --port
     other = tmp_path / "other"

@@ -7,6 +7,7 @@ mod endpoint;
 mod malloc;
 mod prometheus;
 mod stat;
+mod table;
 mod up;
 
 use clap::{Args, Parser, Subcommand};
@@ -23,12 +24,65 @@ use std::time::Duration;
     about = "smesh: a service mesh (data plane proxy and tools)"
 )]
 struct Cli {
-    /// Log filter (e.g. info, debug, smesh_proxy=debug); RUST_LOG also works. Release builds
-    /// leave out trace-level events (a debug build has them).
+    /// Log filter, e.g. info, debug, smesh_proxy=debug (RUST_LOG also works).
+    ///
+    /// Release builds leave out trace-level events (a debug build has them).
     #[arg(long, global = true, env = "SMESH_LOG", default_value = "info")]
     log_level: String,
+    /// --control and friends given before the subcommand (`smesh --control URL get ...`).
+    #[command(flatten)]
+    before: RemoteBefore,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The CLI's connection flags, accepted before the subcommand too (kubectl users put them
+/// there); the subcommand's own are what `--help` shows.
+#[derive(Args)]
+struct RemoteBefore {
+    #[arg(long = "control", id = "before_control", hide = true)]
+    control: Option<String>,
+    #[arg(long = "token", id = "before_token", hide = true)]
+    token: Option<String>,
+    #[arg(long = "token-file", id = "before_token_file", hide = true)]
+    token_file: Option<PathBuf>,
+    #[arg(long = "control-ca", id = "before_control_ca", hide = true)]
+    control_ca: Option<PathBuf>,
+}
+
+impl RemoteBefore {
+    /// Fills what `remote` lacks, or has only from the environment (a flag beats a variable).
+    fn apply_to(self, remote: &mut Remote) {
+        fn pick<T: PartialEq + From<String>>(slot: &mut Option<T>, before: Option<T>, env: &str) {
+            let from_env = std::env::var(env).ok().map(T::from);
+            if before.is_some() && (slot.is_none() || *slot == from_env) {
+                *slot = before;
+            }
+        }
+        pick(&mut remote.control, self.control, "SMESH_CONTROL");
+        pick(&mut remote.token, self.token, "SMESH_TOKEN");
+        pick(&mut remote.token_file, self.token_file, "SMESH_TOKEN_FILE");
+        pick(&mut remote.control_ca, self.control_ca, "SMESH_CONTROL_CA");
+    }
+}
+
+impl Command {
+    /// The connection flags of a command that talks to the control plane.
+    fn remote_mut(&mut self) -> Option<&mut Remote> {
+        match self {
+            Command::Apply { remote, .. }
+            | Command::Get { remote, .. }
+            | Command::Delete { remote, .. }
+            | Command::Check { remote }
+            | Command::Token { remote, .. }
+            | Command::Ca { remote, .. }
+            | Command::Kv { remote, .. }
+            | Command::Stat { remote, .. }
+            | Command::Edges { remote, .. }
+            | Command::PrometheusConfig { remote, .. } => Some(remote),
+            _ => None,
+        }
+    }
 }
 
 /// How the CLI reaches the control plane.
@@ -58,16 +112,21 @@ enum Command {
     Control(ControlArgs),
     /// Apply resources (a file, a directory of them, or - for standard input) all-or-nothing.
     Apply {
-        #[arg(short = 'f', long = "filename")]
-        file: PathBuf,
+        #[arg(short = 'f', long = "filename", required_unless_present = "stray")]
+        file: Option<PathBuf>,
+        /// A file given without -f: refused with a tip (kubectl users type it so).
+        #[arg(hide = true)]
+        stray: Option<PathBuf>,
         #[command(flatten)]
         remote: Remote,
     },
-    /// Show resources (service, httproute, grpcroute, ...), `endpoints SERVICE` or `proxies`.
+    /// Show resources: service, httproute, grpcroute, meshconfig, authorizationpolicy,
+    /// backendpolicy; `endpoints SERVICE`, `proxies`, `certificates`.
     Get {
+        /// What to show (see above; plurals and svc, route, authz work too).
         kind: String,
         name: Option<String>,
-        /// yaml or json (endpoints and proxies default to a table).
+        /// table, wide, yaml or json [default: table for lists, yaml for one named resource].
         #[arg(short = 'o', long = "output")]
         output: Option<String>,
         #[command(flatten)]
@@ -158,8 +217,8 @@ enum Command {
     },
     /// Start a demo on this machine: sample services behind a proxy. Ctrl-C stops it all.
     Up(up::UpArgs),
-    /// A small HTTP service used by the demo (and handy for trying routes).
-    #[command(hide = true)]
+    /// A sample app: answers every request with its name and version (the demo's apps; handy
+    /// for trying routes, e.g. the README's Quick start).
     DemoApp(demo::DemoArgs),
 }
 
@@ -389,8 +448,11 @@ fn parse_app_protocol(s: &str) -> Result<smesh_model::Protocol, String> {
 
 fn main() -> ExitCode {
     malloc::keep_freed_memory();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     init_logging(&cli.log_level);
+    if let Some(remote) = cli.command.remote_mut() {
+        cli.before.apply_to(remote);
+    }
     let result = match cli.command {
         Command::Proxy(args) => smesh_proxy::run(ProxyOptions {
             config: args.config,
@@ -442,18 +504,26 @@ fn main() -> ExitCode {
             ca: args.ca_cert.zip(args.ca_key),
             tls: serving_certificate(args.tls, args.listen, args.tls_san, args.tls_cert.zip(args.tls_key)),
         }),
-        Command::Apply { file, remote } => with_control(remote, |c| async move { commands::apply(&c, &file).await }),
+        Command::Apply { file, stray, remote } => match (file, stray) {
+            (Some(file), None) => with_control(remote, |c| async move { commands::apply(&c, &file).await }),
+            (_, Some(stray)) => Err(format!(
+                "smesh apply takes its file after -f: smesh apply -f {}",
+                stray.display()
+            )),
+            (None, None) => Err("smesh apply needs -f FILE (a file, a directory or - for stdin)".into()),
+        },
         Command::Get {
             kind,
             name,
             output,
             remote,
         } => with_control(remote, |c| async move {
-            let table = matches!(
-                kind.as_str(),
-                "endpoints" | "endpoint" | "ep" | "proxies" | "proxy" | "certificates" | "certs"
-            );
-            let output = output.unwrap_or_else(|| if table { "table".into() } else { "yaml".into() });
+            let listing = name.is_none()
+                || matches!(
+                    kind.as_str(),
+                    "endpoints" | "endpoint" | "ep" | "proxies" | "proxy" | "certificates" | "certs"
+                );
+            let output = output.unwrap_or_else(|| if listing { "table".into() } else { "yaml".into() });
             commands::get(&c, &kind, name.as_deref(), &output).await
         }),
         Command::Delete { kind, name, remote } => {

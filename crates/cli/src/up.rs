@@ -2,16 +2,20 @@
 //! services (`web` calling `api`, which runs as v1 and v2 and calls the TCP service `db`),
 //! each behind its own `smesh proxy`, and a gentle load. Ctrl-C stops all of it.
 
+mod banner;
 mod children;
 mod guard;
+mod layout;
+mod setup;
 mod state;
 
 use children::Children;
 use clap::Args;
+use layout::{Layout, Proxy, LAST_OFFSET};
+use setup::{apply, join_token, Remote};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,42 +37,6 @@ pub struct UpArgs {
     #[arg(long)]
     reset: bool,
 }
-
-/// The highest offset from --port the demo listens on (db's proxy's admin port).
-const LAST_OFFSET: u16 = 351;
-
-const RESOURCES: &str = r#"apiVersion: smesh.io/v1
-kind: Service
-metadata: {name: web}
-spec:
-  ports: [{port: 80, protocol: http}]
----
-apiVersion: smesh.io/v1
-kind: Service
-metadata: {name: api}
-spec:
-  ports: [{port: 80, protocol: http}]
----
-apiVersion: smesh.io/v1
-kind: Service
-metadata: {name: db}
-spec:
-  ports: [{port: 5432, protocol: tcp}]
----
-apiVersion: smesh.io/v1
-kind: HTTPRoute
-metadata: {name: api-canary}
-spec:
-  parentRefs: [{name: api}]
-  rules:
-  - matches: [{headers: [{name: x-canary, value: "true"}]}]
-    backendRefs: [{name: api, subset: {version: v2}}]
-  - backendRefs:
-    - {name: api, subset: {version: v1}, weight: 80}
-    - {name: api, subset: {version: v2}, weight: 20}
-    timeouts: {request: 5s}
-    retry: {attempts: 2, codes: [502, 503]}
-"#;
 
 /// One plain HTTP/1.1 GET: the response (head and body) on 200, else why not.
 fn http_get(addr: SocketAddr, path: &str, host: &str) -> Result<String, String> {
@@ -129,70 +97,6 @@ fn wait_for(
             );
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Proxy {
-    outbound: SocketAddr,
-    inbound: SocketAddr,
-    admin: SocketAddr,
-    app: SocketAddr,
-}
-
-/// Where everything listens, from --port.
-#[derive(Clone, Copy)]
-struct Layout {
-    control: SocketAddr,
-    web: Proxy,
-    api_v1: Proxy,
-    api_v2: Proxy,
-    db: Proxy,
-    /// api's proxies reach db through a local upstream port each.
-    db_via_v1: SocketAddr,
-    db_via_v2: SocketAddr,
-}
-
-impl Layout {
-    /// None when a port would not fit in 16 bits.
-    fn new(base: u16) -> Option<Layout> {
-        base.checked_add(LAST_OFFSET)?;
-        let at = |offset: u16| SocketAddr::from(([127, 0, 0, 1], base + offset));
-        let proxy = |i: u16| Proxy {
-            outbound: at(100 * i),
-            inbound: at(100 * i + 3),
-            admin: at(100 * i + 51),
-            app: at(100 * i + 11),
-        };
-        Some(Layout {
-            control: at(40),
-            web: proxy(0),
-            api_v1: proxy(1),
-            api_v2: proxy(2),
-            db: proxy(3),
-            db_via_v1: at(100 + 20),
-            db_via_v2: at(200 + 20),
-        })
-    }
-
-    /// Every port the demo listens on, with what listens there.
-    fn ports(&self) -> Vec<(SocketAddr, String)> {
-        let mut ports = vec![(self.control, "the control plane".to_string())];
-        let services = [
-            ("web", &self.web),
-            ("api v1", &self.api_v1),
-            ("api v2", &self.api_v2),
-            ("db", &self.db),
-        ];
-        for (service, p) in services {
-            ports.push((p.outbound, format!("{service}'s proxy, outbound")));
-            ports.push((p.inbound, format!("{service}'s proxy, inbound")));
-            ports.push((p.admin, format!("{service}'s proxy, admin")));
-            ports.push((p.app, format!("the {service} app")));
-        }
-        ports.push((self.db_via_v1, "api v1's proxy, upstream db".into()));
-        ports.push((self.db_via_v2, "api v2's proxy, upstream db".into()));
-        ports
     }
 }
 
@@ -411,7 +315,7 @@ fn start_and_serve(
         },
         data,
     )?;
-    print_banner(data, control_addr, &web, &remote, &logs, exe, &found_at);
+    banner::print_banner(data, control_addr, &web, &remote, &logs, exe, &found_at);
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = load.then(|| {
@@ -431,131 +335,6 @@ fn start_and_serve(
         let _ = load.join();
     }
     outcome
-}
-
-/// How the demo's CLI calls reach the control plane.
-struct Remote<'a> {
-    url: &'a str,
-    token_file: &'a Path,
-    ca: &'a Path,
-}
-
-impl Remote<'_> {
-    fn args(&self) -> [&std::ffi::OsStr; 6] {
-        [
-            "--control".as_ref(),
-            self.url.as_ref(),
-            "--token-file".as_ref(),
-            self.token_file.as_os_str(),
-            "--control-ca".as_ref(),
-            self.ca.as_os_str(),
-        ]
-    }
-}
-
-fn apply(exe: &Path, remote: &Remote) -> Result<(), String> {
-    let mut child = Command::new(exe)
-        .args(["apply", "-f", "-"])
-        .args(remote.args())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot run smesh apply: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(RESOURCES.as_bytes())
-            .map_err(|e| format!("smesh apply: {e}"))?;
-    }
-    let status = child.wait().map_err(|e| format!("smesh apply: {e}"))?;
-    if !status.success() {
-        return Err("applying the demo resources failed".into());
-    }
-    Ok(())
-}
-
-/// Creates a join token for `service` with the CLI and writes it to `path` (owner-only).
-fn join_token(exe: &Path, remote: &Remote, service: &str, path: &Path) -> Result<PathBuf, String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let out = Command::new(exe)
-        .args(["token", "create", "--service", service])
-        .args(remote.args())
-        .output()
-        .map_err(|e| format!("cannot run smesh token create: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "smesh token create failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    f.write_all(&out.stdout)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    Ok(path.to_path_buf())
-}
-
-fn print_banner(
-    data: &Path,
-    control: SocketAddr,
-    web: &Proxy,
-    remote: &Remote,
-    logs: &Path,
-    exe: &Path,
-    found_at: &[PathBuf],
-) {
-    let web_out = web.outbound;
-    // The commands below must work as printed: the binary by its full path unless PATH has it.
-    let smesh = if on_path(exe) {
-        "smesh".to_string()
-    } else {
-        exe.display().to_string()
-    };
-    println!(
-        r#"
-smesh demo mesh is up.
-  control plane    https://{control}   (state, admin token and CA certificate in {data})
-  web's proxy      http://{web_out}   admin http://{web_admin}/metrics
-  logs             {logs}/
-  smesh binary     {exe}
-
-Try:
-  curl -H 'Host: web' http://{web_out}/hello                  # web -> api (80% v1, 20% v2) -> db (TCP), all on mTLS
-  curl -H 'Host: api' -H 'x-canary: true' http://{web_out}/    # always api v2
-  curl -x http://{web_out} http://api/                          # the proxy as an HTTP proxy
-  {smesh} get services; {smesh} get endpoints api; {smesh} get proxies
-  {smesh} kv put demo/greeting hello; {smesh} kv get demo/greeting
-  curl -s http://{web_admin}/metrics | grep smesh_requests_total
-
-The CLI finds this demo by itself while it runs (from {found}).
-For another shell or machine: export SMESH_CONTROL=https://{control} SMESH_TOKEN_FILE={token} SMESH_CONTROL_CA={ca}
-
-Ctrl-C stops everything."#,
-        data = data.display(),
-        web_admin = web.admin,
-        token = remote.token_file.display(),
-        ca = remote.ca.display(),
-        logs = logs.display(),
-        exe = exe.display(),
-        found = found_at
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(" or "),
-    );
-}
-
-/// Whether `smesh` on PATH is this very binary.
-fn on_path(exe: &Path) -> bool {
-    let Some(path) = std::env::var_os("PATH") else {
-        return false;
-    };
-    let me = std::fs::canonicalize(exe).ok();
-    std::env::split_paths(&path).any(|dir| std::fs::canonicalize(dir.join("smesh")).ok() == me && me.is_some())
 }
 
 /// Runs until Ctrl-C or SIGTERM (Ok), or until a child exits (Err naming it).

@@ -1,7 +1,7 @@
 //! One connection, from accept to close: mesh TLS or plaintext, protocol detection, then HTTP
 //! (hyper) or opaque TCP. Also what every connection shares ([`Shared`]) and what a listener
-//! is ([`ListenerSpec`]). Connections run on the worker that accepted them (DESIGN.md section
-//! 3; see [`crate::app::workers`]).
+//! is ([`ListenerSpec`]). Connections run on the worker that accepted them (docs/architecture.md,
+//! "Workers"; see [`crate::app::workers`]).
 
 use crate::balance::Balancer;
 use crate::config::snapshot::Snapshot;
