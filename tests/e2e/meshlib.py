@@ -6,6 +6,7 @@ import collections
 import http.client
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -560,6 +561,66 @@ def nghttp_codes(port, authority, paths, timeout=20):
         if m:
             out.append((m.group(2), int(m.group(1))))
     return out
+
+
+# --------------------------------------------------------------------------- smesh up
+# (test_up*.py)
+
+# Port offsets `smesh up --port BASE` uses (see crates/cli/src/up.rs).
+UP_OFFSETS = [40] + [100 * i + o for i in range(4) for o in (0, 3, 11, 51)] + [120, 220]
+
+
+def free_up_base():
+    """A BASE for `smesh up --port BASE` whose every port is free now."""
+    for _ in range(100):
+        base = random.randrange(20000, 40000, 10)
+        ok = True
+        for off in UP_OFFSETS:
+            s = socket.socket()
+            try:
+                s.bind((LOOPBACK, base + off))
+            except OSError:
+                ok = False
+            finally:
+                s.close()
+            if not ok:
+                break
+        if ok:
+            return base
+    raise RuntimeError("no free port range for smesh up")
+
+
+def child_pids(pid):
+    """PIDs of the processes whose parent is pid (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # ppid
+            out.append(int(entry))
+    return out
+
+
+def pid_alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except OSError:
+        return False
+
+
+def pid_cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode() for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
 
 
 # --------------------------------------------------------------------------- control plane

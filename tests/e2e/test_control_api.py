@@ -8,7 +8,7 @@ import stat
 import pytest
 import yaml
 
-from meshlib import grpc_route, http_route, service, to_yaml
+from meshlib import curl, grpc_route, http_route, service, to_yaml
 
 
 def _state(cp):
@@ -353,3 +353,87 @@ def test_admin_token_file_option(run):
             other = fh.read().strip()
         if other != "s3cret-token-for-e2e":
             assert cp.api("PUT", "/v1/kv/k", body="v", token=other).status == 401
+
+
+def test_unknown_rest_paths_get_404_json_and_grpc_stays_grpc(run):
+    """Issue 15 item 10: a REST path that does not exist is a 404 with a JSON error, over
+    HTTP/1.1 and HTTP/2; a gRPC call to an unknown method still gets grpc-status 12."""
+    cp = run.control()
+    for path in ("/nope", "/api/v1/nope", "/api/v2/resources/service"):
+        r = cp.api("GET", path, token=False)
+        assert r.status == 404, r
+        assert r.header("content-type") == "application/json", r
+        body = r.json()
+        assert body["error"] == "not found" and body["path"] == path, body
+        assert "/api/v1/" in body["message"], body
+    h2 = curl("--http2-prior-knowledge", "-i", f"http://127.0.0.1:{cp.port}/nope")
+    assert h2.returncode == 0, h2.stderr
+    head = h2.stdout.decode()
+    assert head.startswith("HTTP/2 404"), head
+    assert "grpc-status" not in head, head
+    grpc = curl("--http2-prior-knowledge", "-i", "-X", "POST", "-H", "content-type: application/grpc",
+                "-H", "te: trailers", "--data-binary", "", f"http://127.0.0.1:{cp.port}/smesh.v1.Nope/Call")
+    assert grpc.returncode == 0, grpc.stderr
+    head = grpc.stdout.decode()
+    assert head.startswith("HTTP/2 200") and "grpc-status: 12" in head, head
+    # the real API is unchanged
+    assert cp.api("GET", "/api/v1/resources/service", token=False).status == 200
+
+
+def test_cli_get_tables_kinds_and_tips(run, tmp_path):
+    """Issue 15 item 8: lists are tables by default (-o table|wide|yaml|json), an empty list
+    says so, an unknown kind lists every kind, `apply FILE` without -f gets a tip."""
+    cp = run.control()
+    empty = cp.cli("get", "services")
+    assert empty.returncode == 0 and empty.stdout == "", empty
+    assert "No resources found." in empty.stderr, empty.stderr
+
+    f = _write(run, "mesh.yaml", to_yaml([
+        service("api", [{"address": "127.0.0.1:9001", "labels": {"version": "v1"}}]),
+        http_route("api-route", ["api"], [{"backendRefs": [{"name": "api"}]}])]))
+    assert cp.cli("apply", "-f", f).returncode == 0
+    table = cp.cli("get", "services")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "KIND", "SUMMARY"], table.stdout
+    assert lines[1].split()[:2] == ["api", "Service"] and "static-endpoints=1" in lines[1], table.stdout
+    routes = cp.cli("get", "routes", "-o", "wide")
+    assert routes.returncode == 0 and "parents=api rules=1" in routes.stdout, routes
+    # one named resource is still its YAML; lists still come as yaml/json when asked
+    one = cp.cli("get", "service", "api")
+    assert yaml.safe_load(one.stdout)["metadata"]["name"] == "api", one.stdout
+    assert json.loads(cp.cli("get", "services", "-o", "json").stdout)[0]["metadata"]["name"] == "api"
+
+    unknown = cp.cli("get", "widgets")
+    assert unknown.returncode != 0
+    for kind in ("service", "httproute", "authorizationpolicy", "endpoints SERVICE", "proxies", "certificates"):
+        assert kind in unknown.stderr, unknown.stderr
+    bad_output = cp.cli("get", "services", "-o", "xml")
+    assert bad_output.returncode != 0 and "table, wide, yaml or json" in bad_output.stderr, bad_output
+    tip = cp.cli("apply", f)
+    assert tip.returncode != 0 and f"smesh apply -f {f}" in tip.stderr, tip.stderr
+    # not a terminal: no ANSI colours in usage errors, errors or logs
+    usage = cp.cli("get")
+    assert usage.returncode != 0 and "<KIND>" in usage.stderr, usage.stderr
+    for text in (usage.stderr, unknown.stderr, cp.stderr()):
+        assert "\x1b[" not in text, text
+
+
+def test_cli_connection_flags_work_before_the_subcommand(run):
+    """Issue 15 item 8: `smesh --control URL get ...` as kubectl users type it; a flag there
+    beats SMESH_CONTROL, as a flag after the subcommand does."""
+    import subprocess
+    from meshlib import SMESH_BIN
+    cp = run.control()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMESH_")}
+    env["XDG_STATE_HOME"] = os.path.join(run.workdir, "state")  # no demo found by accident
+    env["SMESH_CONTROL"] = "http://127.0.0.1:1"
+    r = subprocess.run([SMESH_BIN, "--control", cp.url, "--token-file", cp.token_file,
+                        "kv", "put", "k", "v"], capture_output=True, text=True, timeout=30,
+                       env=env, cwd=run.workdir, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([SMESH_BIN, "--control", cp.url, "get", "services", "-o", "json"],
+                       capture_output=True, text=True, timeout=30, env=env, cwd=run.workdir,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and json.loads(r.stdout) == [], (r.stdout, r.stderr)
+    assert cp.api("GET", "/v1/kv/k?raw", token=False).body == b"v"

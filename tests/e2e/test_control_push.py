@@ -142,6 +142,11 @@ def test_route_change_reaches_50_proxies_within_1s_and_a_nack_keeps_the_old_conf
     assert all(p["nacked_version"] == 0 for p in cp.proxies() if p["service"] == ""), cp.proxies()
     table = cp.cli("get", "proxies", token=False)
     assert table.returncode == 0 and "nackme" in table.stdout, table
+    # `smesh check` names the proxy that rejected it, and why, and fails
+    check = cp.cli("check", token=False)
+    assert check.returncode != 0, check
+    line = next((l for l in check.stdout.splitlines() if " config " in l), "")
+    assert line.startswith("FAIL") and "nackme" in line and f"rejected version {v1}" in line, check.stdout
 
     # the new route serves on the others; the nacking proxy still serves its old one
     for px in (clients[0], clients[N_PROXIES - 1]):
@@ -166,3 +171,6 @@ def test_route_change_reaches_50_proxies_within_1s_and_a_nack_keeps_the_old_conf
         st = [p for p in cp.proxies() if p["service"] == "nackme"]
         return st and st[0]["acked_version"] > v1 and st[0]["acked_version"] == st[0]["sent_version"]
     wait_until(nack_acked, 5, what="the small proxy acking the fitting snapshot")
+    check = cp.cli("check", token=False)
+    line = next((l for l in check.stdout.splitlines() if " config " in l), "")
+    assert line.startswith("ok"), check.stdout

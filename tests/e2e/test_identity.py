@@ -497,3 +497,38 @@ def test_smesh_check_reports_missing_identities_and_late_renewals(run):
         api.proc.signal(sig.SIGCONT)
     wait_until(lambda: "not renewed in time" not in cp.cli("check").stdout, 15, interval=0.5,
                what="the renewal after the proxy resumed")
+
+
+@pytest.mark.timeout(90)
+def test_websocket_between_two_meshed_proxies_goes_over_mtls(run):
+    """An upgrade crosses the mesh on its own mTLS HTTP/1.1 connection (it becomes a tunnel,
+    which one multiplexed HTTP/2 connection cannot carry): the echo works both ways, and the
+    wire between the proxies carries TLS, not the frames."""
+    from websockets.sync.client import connect
+    cp = control(run)
+    apply(cp, API.replace("name: api", "name: ws"))
+    relay = Relay(None)
+    try:
+        echo = run.ws_echo()
+        ws_proxy = run.mesh_proxy([cp.url], service="ws", app_port=echo.port, name="ws-proxy",
+                                  extra_args=["--token-file", token_file(run, cp, "ws"),
+                                              "--advertise", f"{LOOPBACK}:{relay.port}"])
+        relay.target = ws_proxy.inbound
+        web, _ = meshed(run, cp, "web", token_file(run, cp, "web"))
+        wait_until(lambda: http_request(web.outbound, "/", host="ws").status != 503, 10,
+                   what="web sees ws's endpoint")
+        marker = "WS-SECRET-MARKER-41c2"
+        sock = socket.create_connection((LOOPBACK, web.outbound), timeout=10)
+        with connect("ws://ws/echo", sock=sock, open_timeout=10, close_timeout=5) as ws:
+            ws.send(marker)
+            assert ws.recv(timeout=10) == marker
+            blob = os.urandom(100_000)
+            ws.send(blob)
+            assert ws.recv(timeout=10) == blob
+        with relay.lock:
+            wire = bytes(relay.captured)
+        assert len(wire) > 100_000, f"the frames did not go through the relay ({len(wire)} bytes)"
+        assert marker.encode() not in wire, "the WebSocket frames crossed the wire in plaintext"
+        assert wire[:1] == b"\x16", "the first bytes on the wire are not a TLS handshake"
+    finally:
+        relay.close()

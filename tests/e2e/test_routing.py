@@ -7,7 +7,7 @@ import os
 import grpc
 import pytest
 
-from meshlib import (KeepAliveClient, curl, free_port, http_request, http_route, service,
+from meshlib import (KeepAliveClient, curl, free_port, http_request, http_route, service, to_yaml,
                      wait_until)
 
 
@@ -150,3 +150,35 @@ def test_access_log_has_a_line_per_request(run):
     got = wait_until(lines, 5, what="25 access-log lines")
     assert len(got) == 25
     assert all("200" in l for l in got), got[:3]
+
+
+@pytest.mark.timeout(60)
+def test_a_subset_matching_no_endpoint_is_warned_about_and_named_in_the_error(run):
+    """Issue 15 item 6: a route to a subset no endpoint has is valid, but `validate` and
+    `apply` warn, and the proxy's 503 names the subset (the reason header is unchanged)."""
+    be = run.http_backend("v1")
+    resources = [service("api", [{"address": be.address, "labels": {"version": "v1"}}]),
+                 http_route("api-route", ["api"], [
+                     {"matches": [{"headers": [{"name": "x-v", "value": "3"}]}],
+                      "backendRefs": [{"name": "api", "subset": {"version": "v3"}}]},
+                     {"backendRefs": [{"name": "api", "subset": {"version": "v1"}}]}])]
+    px = run.proxy(resources)
+    checked = run.smesh("validate", "-f", px.config_path)
+    assert checked.returncode == 0, checked.stderr
+    assert ('warning: HTTPRoute/api-route: api{version=v3} matches no endpoint of "api" now'
+            in checked.stderr), checked.stderr
+    assert "version=v1}" in checked.stderr and "api{version=v1} matches" not in checked.stderr, checked.stderr
+
+    assert http_request(px.outbound, "/", host="api").status == 200
+    r = http_request(px.outbound, "/", host="api", headers={"x-v": "3"})
+    assert r.status == 503, r
+    assert r.header("smesh-proxy-error") == "no endpoints", r
+    assert "none in api{version=v3}" in r.body.decode(), r.body
+
+    cp = run.control()
+    text = to_yaml(resources)
+    applied = cp.cli("apply", "-f", "-", input=text)
+    assert applied.returncode == 0, applied.stderr
+    assert "HTTPRoute/api-route created" in applied.stdout, applied.stdout
+    assert ('warning: HTTPRoute/api-route: api{version=v3} matches no endpoint of "api" now'
+            in applied.stderr), applied.stderr

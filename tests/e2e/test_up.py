@@ -2,7 +2,6 @@
 (web's proxy reaches api v1 and v2, and api reaches the TCP service db), and Ctrl-C (SIGINT to
 `smesh up` alone) leaves no process behind."""
 import os
-import random
 import signal
 import subprocess
 import socket
@@ -10,56 +9,13 @@ import socket
 import pytest
 
 from meshlib import SMESH_BIN, http_request, wait_until
-
-# Port offsets `smesh up --port BASE` uses (see crates/cli/src/up.rs).
-OFFSETS = [40] + [100 * i + o for i in range(4) for o in (0, 3, 11, 51)] + [120, 220]
-
-
-def _free_base():
-    for _ in range(100):
-        base = random.randrange(20000, 40000, 10)
-        ok = True
-        for off in OFFSETS:
-            s = socket.socket()
-            try:
-                s.bind(("127.0.0.1", base + off))
-            except OSError:
-                ok = False
-            finally:
-                s.close()
-            if not ok:
-                break
-        if ok:
-            return base
-    raise RuntimeError("no free port range for smesh up")
-
-
-def _children(pid):
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:  # ppid
-            out.append(int(entry))
-    return out
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except OSError:
-        return False
+from meshlib import UP_OFFSETS as OFFSETS, child_pids as _children, free_up_base as _free_base, pid_alive as _alive
 
 
 @pytest.mark.timeout(120)
-def test_smesh_up_demo_answers_through_the_mesh_and_ctrl_c_stops_everything(run, tmp_path):
+def test_smesh_up_demo_answers_through_the_mesh_and_ctrl_c_stops_everything(run, tmp_path, monkeypatch):
+    # the demo also writes where it runs to the user's state dir: this test's own
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     base = _free_base()
     up = run.spawn([SMESH_BIN, "up", "--port", base, "--data", tmp_path / "data", "--no-load"], "up")
     wait_until(lambda: "demo mesh is up" in up.stdout() or up.poll() is not None, 60, interval=0.1,

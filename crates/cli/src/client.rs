@@ -73,6 +73,19 @@ impl Control {
         Ok(sender)
     }
 
+    /// A failed exchange, in words. Plain HTTP sent to a TLS port gets a TLS alert back,
+    /// which hyper reports as an unparsable response.
+    fn explain(&self, e: hyper::Error) -> String {
+        if e.is_parse() && !self.url.tls {
+            return format!(
+                "control plane at {}: this control plane speaks TLS: use https://{} with --control-ca \
+                 FILE (its DIR/ca.pem; a `smesh up` demo's is in its smesh-data/)",
+                self.base, self.url.authority
+            );
+        }
+        format!("control plane: {e}")
+    }
+
     fn request(
         &self,
         method: Method,
@@ -94,10 +107,7 @@ impl Control {
     pub async fn call(&self, method: Method, path: &str, content_type: &str, body: Bytes) -> Result<Reply, String> {
         let mut sender = self.connect().await?;
         let req = self.request(method, path, content_type, body)?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("control plane: {e}"))?;
+        let resp = sender.send_request(req).await.map_err(|e| self.explain(e))?;
         let (parts, body) = resp.into_parts();
         let body = body
             .collect()
@@ -119,10 +129,7 @@ impl Control {
     pub async fn stream_lines(&self, path: &str, mut line: impl FnMut(&str)) -> Result<(), String> {
         let mut sender = self.connect().await?;
         let req = self.request(Method::GET, path, "text/plain", Bytes::new())?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("control plane: {e}"))?;
+        let resp = sender.send_request(req).await.map_err(|e| self.explain(e))?;
         if !resp.status().is_success() {
             let status = resp.status();
             let body = resp

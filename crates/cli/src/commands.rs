@@ -69,6 +69,9 @@ pub async fn apply(control: &Control, path: &Path) -> Result<(), String> {
             item["result"].as_str().unwrap_or("?")
         );
     }
+    for warning in reply["warnings"].as_array().into_iter().flatten() {
+        eprintln!("warning: {}", warning.as_str().unwrap_or("?"));
+    }
     Ok(())
 }
 
@@ -92,10 +95,16 @@ fn render(value: &serde_json::Value, output: &str) -> Result<String, String> {
 }
 
 pub async fn get(control: &Control, kind: &str, name: Option<&str>, output: &str) -> Result<(), String> {
+    crate::table::check_output(output)?;
+    let table = output == "table" || output == "wide";
     let value = match (kind.to_ascii_lowercase().as_str(), name) {
         ("endpoints" | "endpoint" | "ep", Some(service)) => {
             let v = control.get(&format!("/api/v1/endpoints/{service}")).await?.json()?;
-            if output == "table" {
+            if table {
+                if v["endpoints"].as_array().is_none_or(Vec::is_empty) {
+                    crate::table::none_found();
+                    return Ok(());
+                }
                 println!("{:<24} {:<12} {:<8} LABELS", "ADDRESS", "SOURCE", "WEIGHT");
                 for e in v["endpoints"].as_array().into_iter().flatten() {
                     println!(
@@ -110,10 +119,16 @@ pub async fn get(control: &Control, kind: &str, name: Option<&str>, output: &str
             }
             v["endpoints"].clone()
         }
-        ("endpoints" | "endpoint" | "ep", None) => return Err("usage: smesh get endpoints SERVICE".into()),
+        ("endpoints" | "endpoint" | "ep", None) => {
+            return Err("usage: smesh get endpoints SERVICE (the endpoints of one service)".into())
+        }
         ("proxies" | "proxy", _) => {
             let v = control.get("/api/v1/proxies").await?.json()?;
-            if output == "table" {
+            if table {
+                if v["items"].as_array().is_none_or(Vec::is_empty) {
+                    crate::table::none_found();
+                    return Ok(());
+                }
                 println!(
                     "{:<32} {:<10} {:<22} {:>8} {:>8} {:>8}  ERROR",
                     "PROXY", "SERVICE", "ADDRESS", "SENT", "ACKED", "NACKED"
@@ -136,25 +151,48 @@ pub async fn get(control: &Control, kind: &str, name: Option<&str>, output: &str
         }
         ("certificates" | "certificate" | "certs", _) => {
             let v = control.get("/api/v1/certificates").await?.json()?;
-            if output == "table" {
-                println!("{:<16} {:<48} {:<40} EXPIRES (unix)", "SERVICE", "IDENTITY", "SERIAL");
+            if table {
+                if v["items"].as_array().is_none_or(Vec::is_empty) {
+                    crate::table::none_found();
+                    return Ok(());
+                }
+                println!("{:<16} {:<48} {:<40} EXPIRES", "SERVICE", "IDENTITY", "SERIAL");
                 for c in v["items"].as_array().into_iter().flatten() {
                     println!(
                         "{:<16} {:<48} {:<40} {}",
                         c["service"].as_str().unwrap_or(""),
                         c["spiffe_id"].as_str().unwrap_or(""),
                         c["serial"].as_str().unwrap_or(""),
-                        c["not_after_unix"].as_u64().unwrap_or(0)
+                        c["not_after_unix"]
+                            .as_u64()
+                            .map_or("?".to_string(), crate::table::expiry)
                     );
                 }
                 return Ok(());
             }
             v["items"].clone()
         }
+        (other, _) if smesh_control::keys::canonical_kind(other).is_none() => {
+            return Err(format!(
+                "unknown kind {kind:?}; smesh get knows {}",
+                crate::table::KINDS
+            ))
+        }
         (_, Some(name)) => control.get(&format!("/api/v1/resources/{kind}/{name}")).await?.json()?,
-        (_, None) => control.get(&format!("/api/v1/resources/{kind}")).await?.json()?["items"].clone(),
+        (_, None) => {
+            let items = control.get(&format!("/api/v1/resources/{kind}")).await?.json()?["items"].clone();
+            if table {
+                crate::table::resources(items.as_array().map_or(&[], Vec::as_slice), output == "wide");
+                return Ok(());
+            }
+            if items.as_array().is_some_and(Vec::is_empty) && output == "yaml" {
+                crate::table::none_found();
+            }
+            items
+        }
     };
-    let output = if output == "table" { "yaml" } else { output };
+    // One named resource has no table: its whole text.
+    let output = if table { "yaml" } else { output };
     print!("{}", render(&value, output)?);
     Ok(())
 }

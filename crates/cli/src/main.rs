@@ -3,8 +3,11 @@
 mod client;
 mod commands;
 mod demo;
+mod endpoint;
 mod malloc;
 mod prometheus;
+mod stat;
+mod table;
 mod up;
 
 use clap::{Args, Parser, Subcommand};
@@ -21,20 +24,74 @@ use std::time::Duration;
     about = "smesh: a service mesh (data plane proxy and tools)"
 )]
 struct Cli {
-    /// Log filter (e.g. info, debug, smesh_proxy=debug); RUST_LOG also works. Release builds
-    /// leave out trace-level events (a debug build has them).
+    /// Log filter, e.g. info, debug, smesh_proxy=debug (RUST_LOG also works).
+    ///
+    /// Release builds leave out trace-level events (a debug build has them).
     #[arg(long, global = true, env = "SMESH_LOG", default_value = "info")]
     log_level: String,
+    /// --control and friends given before the subcommand (`smesh --control URL get ...`).
+    #[command(flatten)]
+    before: RemoteBefore,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The CLI's connection flags, accepted before the subcommand too (kubectl users put them
+/// there); the subcommand's own are what `--help` shows.
+#[derive(Args)]
+struct RemoteBefore {
+    #[arg(long = "control", id = "before_control", hide = true)]
+    control: Option<String>,
+    #[arg(long = "token", id = "before_token", hide = true)]
+    token: Option<String>,
+    #[arg(long = "token-file", id = "before_token_file", hide = true)]
+    token_file: Option<PathBuf>,
+    #[arg(long = "control-ca", id = "before_control_ca", hide = true)]
+    control_ca: Option<PathBuf>,
+}
+
+impl RemoteBefore {
+    /// Fills what `remote` lacks, or has only from the environment (a flag beats a variable).
+    fn apply_to(self, remote: &mut Remote) {
+        fn pick<T: PartialEq + From<String>>(slot: &mut Option<T>, before: Option<T>, env: &str) {
+            let from_env = std::env::var(env).ok().map(T::from);
+            if before.is_some() && (slot.is_none() || *slot == from_env) {
+                *slot = before;
+            }
+        }
+        pick(&mut remote.control, self.control, "SMESH_CONTROL");
+        pick(&mut remote.token, self.token, "SMESH_TOKEN");
+        pick(&mut remote.token_file, self.token_file, "SMESH_TOKEN_FILE");
+        pick(&mut remote.control_ca, self.control_ca, "SMESH_CONTROL_CA");
+    }
+}
+
+impl Command {
+    /// The connection flags of a command that talks to the control plane.
+    fn remote_mut(&mut self) -> Option<&mut Remote> {
+        match self {
+            Command::Apply { remote, .. }
+            | Command::Get { remote, .. }
+            | Command::Delete { remote, .. }
+            | Command::Check { remote }
+            | Command::Token { remote, .. }
+            | Command::Ca { remote, .. }
+            | Command::Kv { remote, .. }
+            | Command::Stat { remote, .. }
+            | Command::Edges { remote, .. }
+            | Command::PrometheusConfig { remote, .. } => Some(remote),
+            _ => None,
+        }
+    }
 }
 
 /// How the CLI reaches the control plane.
 #[derive(Args)]
 struct Remote {
-    /// The control plane's address.
-    #[arg(long, global = true, env = "SMESH_CONTROL", default_value = "http://127.0.0.1:4180")]
-    control: String,
+    /// The control plane's address [default: the running `smesh up` demo of ./smesh-data, else
+    /// the user's latest one (~/.local/state/smesh/endpoint.json), else http://127.0.0.1:4180].
+    #[arg(long, global = true, env = "SMESH_CONTROL")]
+    control: Option<String>,
     /// Admin token for writes (else --token-file, else ./smesh-data/admin-token if present).
     #[arg(long, global = true, env = "SMESH_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -55,16 +112,21 @@ enum Command {
     Control(ControlArgs),
     /// Apply resources (a file, a directory of them, or - for standard input) all-or-nothing.
     Apply {
-        #[arg(short = 'f', long = "filename")]
-        file: PathBuf,
+        #[arg(short = 'f', long = "filename", required_unless_present = "stray")]
+        file: Option<PathBuf>,
+        /// A file given without -f: refused with a tip (kubectl users type it so).
+        #[arg(hide = true)]
+        stray: Option<PathBuf>,
         #[command(flatten)]
         remote: Remote,
     },
-    /// Show resources (service, httproute, grpcroute, ...), `endpoints SERVICE` or `proxies`.
+    /// Show resources: service, httproute, grpcroute, meshconfig, authorizationpolicy,
+    /// backendpolicy; `endpoints SERVICE`, `proxies`, `certificates`.
     Get {
+        /// What to show (see above; plurals and svc, route, authz work too).
         kind: String,
         name: Option<String>,
-        /// yaml or json (endpoints and proxies default to a table).
+        /// table, wide, yaml or json [default: table for lists, yaml for one named resource].
         #[arg(short = 'o', long = "output")]
         output: Option<String>,
         #[command(flatten)]
@@ -79,6 +141,36 @@ enum Command {
     },
     /// Check the mesh's identity system: the CA, certificate renewals, proxies without identity.
     Check {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Golden metrics from the proxies' last windows: request rate, success rate, latency
+    /// percentiles, TCP connections and bytes, mTLS share. No Prometheus needed.
+    Stat {
+        /// services, routes, edges or proxies.
+        #[arg(default_value = "services")]
+        view: String,
+        /// Only this service (route, either end of an edge, proxy).
+        #[arg(short = 'n', long = "name")]
+        name: Option<String>,
+        /// How far back (10s .. 1h, whole 10 s windows).
+        #[arg(long, default_value = "1m")]
+        window: String,
+        /// table, wide (adds requests, retries, shed, breaker overflows, rate-limited) or json.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Who calls whom: src -> dst with rate, success, p99 and the mTLS identities seen.
+    Edges {
+        /// Only edges from or to this service.
+        service: Option<String>,
+        #[arg(long, default_value = "1m")]
+        window: String,
+        /// table, wide or json.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -125,8 +217,8 @@ enum Command {
     },
     /// Start a demo on this machine: sample services behind a proxy. Ctrl-C stops it all.
     Up(up::UpArgs),
-    /// A small HTTP service used by the demo (and handy for trying routes).
-    #[command(hide = true)]
+    /// A sample app: answers every request with its name and version (the demo's apps; handy
+    /// for trying routes, e.g. the README's Quick start).
     DemoApp(demo::DemoArgs),
 }
 
@@ -356,8 +448,11 @@ fn parse_app_protocol(s: &str) -> Result<smesh_model::Protocol, String> {
 
 fn main() -> ExitCode {
     malloc::keep_freed_memory();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     init_logging(&cli.log_level);
+    if let Some(remote) = cli.command.remote_mut() {
+        cli.before.apply_to(remote);
+    }
     let result = match cli.command {
         Command::Proxy(args) => smesh_proxy::run(ProxyOptions {
             config: args.config,
@@ -409,24 +504,55 @@ fn main() -> ExitCode {
             ca: args.ca_cert.zip(args.ca_key),
             tls: serving_certificate(args.tls, args.listen, args.tls_san, args.tls_cert.zip(args.tls_key)),
         }),
-        Command::Apply { file, remote } => with_control(remote, |c| async move { commands::apply(&c, &file).await }),
+        Command::Apply { file, stray, remote } => match (file, stray) {
+            (Some(file), None) => with_control(remote, |c| async move { commands::apply(&c, &file).await }),
+            (_, Some(stray)) => Err(format!(
+                "smesh apply takes its file after -f: smesh apply -f {}",
+                stray.display()
+            )),
+            (None, None) => Err("smesh apply needs -f FILE (a file, a directory or - for stdin)".into()),
+        },
         Command::Get {
             kind,
             name,
             output,
             remote,
         } => with_control(remote, |c| async move {
-            let table = matches!(
-                kind.as_str(),
-                "endpoints" | "endpoint" | "ep" | "proxies" | "proxy" | "certificates" | "certs"
-            );
-            let output = output.unwrap_or_else(|| if table { "table".into() } else { "yaml".into() });
+            let listing = name.is_none()
+                || matches!(
+                    kind.as_str(),
+                    "endpoints" | "endpoint" | "ep" | "proxies" | "proxy" | "certificates" | "certs"
+                );
+            let output = output.unwrap_or_else(|| if listing { "table".into() } else { "yaml".into() });
             commands::get(&c, &kind, name.as_deref(), &output).await
         }),
         Command::Delete { kind, name, remote } => {
             with_control(remote, |c| async move { commands::delete(&c, &kind, &name).await })
         }
         Command::Check { remote } => with_control(remote, |c| async move { commands::check(&c).await }),
+        Command::Stat {
+            view,
+            name,
+            window,
+            output,
+            remote,
+        } => with_control(remote, |c| async move {
+            let args = stat::StatArgs {
+                view: &view,
+                name: name.as_deref(),
+                window: &window,
+                output: &output,
+            };
+            stat::stat(&c, args).await
+        }),
+        Command::Edges {
+            service,
+            window,
+            output,
+            remote,
+        } => with_control(remote, |c| async move {
+            stat::edges(&c, service.as_deref(), &window, &output).await
+        }),
         Command::Token { command, remote } => with_control(remote, |c| async move {
             match command {
                 TokenCommand::Create { service, ttl } => commands::token_create(&c, &service, &ttl).await,
@@ -474,33 +600,56 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a command against the control plane, with the token from the flag, the token
-/// file, or the local default data directory.
+/// Runs a command against the control plane: the one named by --control, else a running
+/// `smesh up` demo's (see endpoint.rs), else the default. The token comes from the flag, the
+/// token file, the demo's, or the local default data directory; a token file that cannot be
+/// read is only a warning, as reads need no token.
 fn with_control<F, Fut>(remote: Remote, f: F) -> Result<(), String>
 where
     F: FnOnce(client::Control) -> Fut,
     Fut: std::future::Future<Output = Result<(), String>>,
 {
-    let url = remote.control;
-    let token = match (remote.token, remote.token_file) {
-        (Some(t), _) => Some(t),
-        (None, Some(file)) => Some(
-            std::fs::read_to_string(&file)
-                .map_err(|e| format!("cannot read token file {}: {e}", file.display()))?
-                .trim()
-                .to_string(),
-        ),
-        (None, None) => std::fs::read_to_string("smesh-data/admin-token")
-            .ok()
-            .map(|t| t.trim().to_string()),
-    };
-    let ca = remote.control_ca.or_else(|| {
-        let default = PathBuf::from("smesh-data/ca.pem");
-        default.exists().then_some(default)
+    let demo = endpoint::find();
+    // A demo's CA and token also serve when --control names it explicitly.
+    let demo = demo.filter(|d| {
+        remote
+            .control
+            .as_deref()
+            .is_none_or(|c| c.trim_end_matches('/') == d.control)
     });
+    let url = match (&remote.control, &demo) {
+        (Some(url), _) => url.clone(),
+        (None, Some(d)) => d.control.clone(),
+        (None, None) => DEFAULT_CONTROL.to_string(),
+    };
+    let token_file = remote
+        .token_file
+        .or_else(|| demo.as_ref().map(|d| d.token_file.clone()))
+        .or_else(|| Some(PathBuf::from("smesh-data/admin-token")).filter(|p| p.exists()));
+    let token = match (remote.token, token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(file)) => match std::fs::read_to_string(&file) {
+            Ok(t) => Some(t.trim().to_string()),
+            Err(e) => {
+                eprintln!(
+                    "warning: cannot read token file {}: {e} (writes will be refused)",
+                    file.display()
+                );
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    let ca = remote
+        .control_ca
+        .or_else(|| demo.map(|d| d.ca))
+        .or_else(|| Some(PathBuf::from("smesh-data/ca.pem")).filter(|p| p.exists()));
     let control = client::Control::new(url.trim_end_matches('/'), token, ca.as_deref())?;
     commands::block_on(f(control))
 }
+
+/// Where the CLI looks when nothing names the control plane and no demo runs.
+const DEFAULT_CONTROL: &str = "http://127.0.0.1:4180";
 
 /// The control plane's TLS certificate, if it serves TLS.
 fn serving_certificate(
@@ -531,5 +680,20 @@ fn serving_certificate(
 fn validate(file: &std::path::Path) -> Result<(), String> {
     let items = smesh_proxy::config::reload::load(file)?;
     println!("ok: {} resources in {}", items.len(), file.display());
+    // Valid, but requests to such a backend would all fail: said, not refused.
+    let resources: Vec<&smesh_model::Resource> = items.iter().map(|s| &s.resource).collect();
+    let static_labels = |service: &str| {
+        resources
+            .iter()
+            .filter_map(|r| match r {
+                smesh_model::Resource::Service(s) if s.metadata.name == service => Some(s),
+                _ => None,
+            })
+            .flat_map(|s| s.spec.endpoints.iter().map(|e| e.labels.clone()))
+            .collect()
+    };
+    for warning in smesh_model::empty_subsets(resources.iter().copied(), static_labels) {
+        eprintln!("warning: {warning}");
+    }
     Ok(())
 }

@@ -4,12 +4,20 @@
 //! `--library`, web has the mesh linked in instead of a proxy (the `smesh` library), on
 //! web's proxy's port.
 
+mod banner;
+mod children;
+mod guard;
+mod layout;
+mod setup;
+mod state;
+
+use children::Children;
 use clap::Args;
+use layout::{Layout, Proxy, LAST_OFFSET};
+use setup::{apply, join_token, Remote};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,141 +34,158 @@ pub struct UpArgs {
     /// Do not send the background trickle of demo requests.
     #[arg(long)]
     no_load: bool,
+    /// Start from a clean state: delete what earlier demos left in --data (resources,
+    /// policies, CA, tokens, logs) first.
+    #[arg(long)]
+    reset: bool,
     /// Run web in library mode: the mesh linked into it (no proxy), serving on BASE.
     #[arg(long)]
     library: bool,
 }
 
-/// Every child, stopped by PID when this is dropped (and by the kernel if we die first).
-struct Children(Vec<(String, Child)>);
-
-impl Children {
-    fn spawn(&mut self, exe: &Path, name: &str, args: &[String], log_dir: &Path) -> Result<(), String> {
-        let log = std::fs::File::create(log_dir.join(format!("{name}.log")))
-            .map_err(|e| format!("cannot create log for {name}: {e}"))?;
-        let mut cmd = Command::new(exe);
-        cmd.args(args).stdout(std::process::Stdio::null()).stderr(log);
-        // If `smesh up` itself is killed, the children go too.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(|e| format!("cannot start {name}: {e}"))?;
-        self.0.push((name.to_string(), child));
-        Ok(())
-    }
-}
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        // Proxies first (they deregister and drain), then apps, then the control plane.
-        for (_, child) in self.0.iter_mut().rev() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for (name, child) in &mut self.0 {
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if let Ok(None) = child.try_wait() {
-                eprintln!("{name} did not stop in time; killing it");
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-const RESOURCES: &str = r#"apiVersion: smesh.io/v1
-kind: Service
-metadata: {name: web}
-spec:
-  ports: [{port: 80, protocol: http}]
----
-apiVersion: smesh.io/v1
-kind: Service
-metadata: {name: api}
-spec:
-  ports: [{port: 80, protocol: http}]
----
-apiVersion: smesh.io/v1
-kind: Service
-metadata: {name: db}
-spec:
-  ports: [{port: 5432, protocol: tcp}]
----
-apiVersion: smesh.io/v1
-kind: HTTPRoute
-metadata: {name: api-canary}
-spec:
-  parentRefs: [{name: api}]
-  rules:
-  - matches: [{headers: [{name: x-canary, value: "true"}]}]
-    backendRefs: [{name: api, subset: {version: v2}}]
-  - backendRefs:
-    - {name: api, subset: {version: v1}, weight: 80}
-    - {name: api, subset: {version: v2}, weight: 20}
-    timeouts: {request: 5s}
-    retry: {attempts: 2, codes: [502, 503]}
-"#;
-
-fn http_ok(addr: SocketAddr, path: &str, host: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+/// One plain HTTP/1.1 GET: the response (head and body) on 200, else why not.
+fn http_get(addr: SocketAddr, path: &str, host: &str) -> Result<String, String> {
+    let url = format!("http://{addr}{path}");
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).ok()?;
     let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.starts_with("HTTP/1.1 200").then_some(out)
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .and_then(|_| s.write_all(req.as_bytes()))
+        .and_then(|_| s.read_to_string(&mut out))
+        .map_err(|e| format!("{url}: {e}"))?;
+    if out.starts_with("HTTP/1.1 200") {
+        return Ok(out);
+    }
+    Err(format!("{url} (Host: {host}) answered {}", describe_refusal(&out)))
 }
 
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<(), String> {
+/// The status line, the proxy's error reason and the first line of the body of a refusal.
+fn describe_refusal(response: &str) -> String {
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((response, ""));
+    let mut lines = head.lines();
+    let status = lines.next().unwrap_or("").trim_start_matches("HTTP/1.1 ").to_string();
+    let reason = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("smesh-proxy-error"))
+        .map(|(_, v)| format!(" (smesh-proxy-error: {})", v.trim()))
+        .unwrap_or_default();
+    let body = body.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    if body.is_empty() {
+        format!("{status}{reason}")
+    } else {
+        format!("{status}{reason}: {body}")
+    }
+}
+
+/// Polls `ready` until it succeeds. Fails at once when a child exits, or after `timeout`
+/// with the last reason `ready` gave (and the end of the log of `what`, if it is a child).
+fn wait_for(
+    children: &mut Children,
+    what: &str,
+    timeout: Duration,
+    mut ready: impl FnMut() -> Result<(), String>,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check() {
-            return Ok(());
+    loop {
+        children.check()?;
+        let reason = match ready() {
+            Ok(()) => return Ok(()),
+            Err(reason) => reason,
+        };
+        if Instant::now() >= deadline {
+            let log = children.log_of(what);
+            return Err(
+                format!("{what} was not ready within {}s: {reason}\n{log}", timeout.as_secs())
+                    .trim_end()
+                    .to_string(),
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(format!("{what} did not come up within {}s", timeout.as_secs()))
-}
-
-struct Proxy {
-    outbound: SocketAddr,
-    inbound: SocketAddr,
-    admin: SocketAddr,
-    app: SocketAddr,
 }
 
 pub fn run(args: UpArgs) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
-    let logs = args.data.join("logs");
-    std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
-    let at = |offset: u16| SocketAddr::from(([127, 0, 0, 1], args.port + offset));
-    let control_addr = at(40);
+    let Some(layout) = Layout::new(args.port) else {
+        return Err(format!(
+            "--port {}: the demo listens on BASE to BASE+{LAST_OFFSET}, so BASE must be at most {}",
+            args.port,
+            u16::MAX - LAST_OFFSET
+        ));
+    };
+    std::fs::create_dir_all(&args.data).map_err(|e| format!("cannot create {}: {e}", args.data.display()))?;
+    // Absolute, so what the banner prints works from any directory.
+    let data = std::path::absolute(&args.data).map_err(|e| format!("{}: {e}", args.data.display()))?;
+    // Nothing in the data directory is touched before the lock is ours.
+    let holder = guard::Holder {
+        control: &format!("https://{}", layout.control),
+        web: layout.web.outbound,
+        data: &data,
+    };
+    let _lock = guard::lock(&data, &holder)?;
+    guard::check_ports(&layout.ports(), args.port)?;
+    if args.reset {
+        state::reset(&data)?;
+    }
+    let kept_state = state::has_state(&data);
+    let mut children = Children::new();
+    let mode = Mode {
+        load: !args.no_load,
+        library: args.library,
+    };
+    let outcome = start_and_serve(&mut children, &exe, &data, &layout, kept_state, mode);
+    // Said before the others are stopped (that takes a moment): the cause comes first.
+    if let Err(e) = &outcome {
+        eprintln!("error: {e}");
+    }
+    eprintln!("\nstopping the demo...");
+    drop(children);
+    match outcome {
+        Ok(()) => {
+            eprintln!("stopped.");
+            Ok(())
+        }
+        Err(_) => Err("the demo was stopped".into()),
+    }
+}
+
+/// What runs besides the demo's processes: the trickle of requests, web's linked-in mesh.
+#[derive(Clone, Copy)]
+struct Mode {
+    load: bool,
+    library: bool,
+}
+
+/// Starts the demo's processes into `children` and runs until a signal (Ok) or a failure.
+fn start_and_serve(
+    children: &mut Children,
+    exe: &Path,
+    data: &Path,
+    layout: &Layout,
+    kept_state: bool,
+    Mode { load, library }: Mode,
+) -> Result<(), String> {
+    let Layout {
+        control: control_addr,
+        web,
+        api_v1,
+        api_v2,
+        db,
+        db_via_v1,
+        db_via_v2,
+    } = *layout;
     let control_url = format!("https://{control_addr}");
     // The control plane writes the mesh root here; every client checks it with it.
-    let control_ca = args.data.join("ca.pem");
-    let proxy = |i: u16| Proxy {
-        outbound: at(100 * i),
-        inbound: at(100 * i + 3),
-        admin: at(100 * i + 51),
-        app: at(100 * i + 11),
-    };
-    let (web, api_v1, api_v2, db) = (proxy(0), proxy(1), proxy(2), proxy(3));
-    // api's proxies reach db through a local upstream port each.
-    let (db_via_v1, db_via_v2) = (at(100 + 20), at(200 + 20));
+    let control_ca = data.join("ca.pem");
+    let logs = data.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
 
-    let mut children = Children(Vec::new());
     let s = |v: &str| v.to_string();
-    let store = format!("embedded:{}", args.data.display());
+    let store = format!("embedded:{}", data.display());
+    eprintln!("starting the control plane on https://{control_addr} ...");
     children.spawn(
-        &exe,
+        exe,
         "control",
         &[
             s("control"),
@@ -172,16 +197,33 @@ pub fn run(args: UpArgs) -> Result<(), String> {
         ],
         &logs,
     )?;
-    wait_for("the control plane", Duration::from_secs(10), || {
-        control_ca.exists() && std::net::TcpStream::connect_timeout(&control_addr, Duration::from_millis(200)).is_ok()
+    wait_for(children, "control", Duration::from_secs(10), || {
+        if !control_ca.exists() {
+            return Err(format!("{} not written yet", control_ca.display()));
+        }
+        TcpStream::connect_timeout(&control_addr, Duration::from_millis(200))
+            .map(drop)
+            .map_err(|e| format!("cannot connect to {control_addr}: {e}"))
     })?;
-    let token_file = args.data.join("admin-token");
+    let token_file = data.join("admin-token");
     let remote = Remote {
         url: &control_url,
         token_file: &token_file,
         ca: &control_ca,
     };
-    apply(&exe, &remote)?;
+    apply(exe, &remote)?;
+    let kept = if kept_state {
+        state::kept_resources(&remote)
+    } else {
+        Vec::new()
+    };
+    if !kept.is_empty() {
+        eprintln!(
+            "kept from earlier demos in {}: {} (`smesh up --reset` starts clean)",
+            data.display(),
+            kept.join(", ")
+        );
+    }
 
     let app = |name: &str, version: &str, p: &Proxy, extra: &[String]| {
         let mut a = vec![
@@ -196,25 +238,26 @@ pub fn run(args: UpArgs) -> Result<(), String> {
         a.extend_from_slice(extra);
         a
     };
-    children.spawn(&exe, "db", &app("db", "v1", &db, &[s("--tcp-echo")]), &logs)?;
+    eprintln!("starting the apps: web, api v1, api v2, db ...");
+    children.spawn(exe, "db", &app("db", "v1", &db, &[s("--tcp-echo")]), &logs)?;
     children.spawn(
-        &exe,
+        exe,
         "api-v1",
         &app("api", "v1", &api_v1, &[s("--call-tcp"), db_via_v1.to_string()]),
         &logs,
     )?;
     children.spawn(
-        &exe,
+        exe,
         "api-v2",
         &app("api", "v2", &api_v2, &[s("--call-tcp"), db_via_v2.to_string()]),
         &logs,
     )?;
-    if args.library {
+    if library {
         // web serves on its proxy's port itself, and calls api through the linked-in mesh.
-        let token = join_token(&exe, &remote, "web", &logs.join("web.token"))?;
-        let library = Proxy {
+        let token = join_token(exe, &remote, "web", &logs.join("web.token"))?;
+        let linked = Proxy {
             app: web.outbound,
-            ..proxy(0)
+            ..web
         };
         let web_extra = [
             s("--call"),
@@ -226,10 +269,10 @@ pub fn run(args: UpArgs) -> Result<(), String> {
             s("--mesh-token-file"),
             token.display().to_string(),
         ];
-        children.spawn(&exe, "web", &app("web", "v1", &library, &web_extra), &logs)?;
+        children.spawn(exe, "web", &app("web", "v1", &linked, &web_extra), &logs)?;
     } else {
         let web_extra = [s("--call"), s("api"), s("--via"), web.outbound.to_string()];
-        children.spawn(&exe, "web", &app("web", "v1", &web, &web_extra), &logs)?;
+        children.spawn(exe, "web", &app("web", "v1", &web, &web_extra), &logs)?;
     }
 
     let proxy_args = |service: &str, version: &str, p: &Proxy, upstream: Option<SocketAddr>| {
@@ -267,167 +310,84 @@ pub fn run(args: UpArgs) -> Result<(), String> {
         ("proxy-db", "db", "v1", &db, None),
     ];
     // In library mode web has no proxy.
-    let proxies = proxies
+    let proxies: Vec<_> = proxies
         .into_iter()
-        .filter(|(name, ..)| !(args.library && *name == "proxy-web"));
-    for (name, service, version, p, upstream) in proxies {
-        let token = join_token(&exe, &remote, service, &logs.join(format!("{name}.token")))?;
-        let mut args = proxy_args(service, version, p, upstream);
+        .filter(|(name, ..)| !(library && *name == "proxy-web"))
+        .collect();
+    eprintln!("starting a proxy for each app, each with its own identity ...");
+    for (name, service, version, p, upstream) in &proxies {
+        let token = join_token(exe, &remote, service, &logs.join(format!("{name}.token")))?;
+        let mut args = proxy_args(service, version, p, *upstream);
         args.extend([s("--token-file"), token.display().to_string()]);
-        children.spawn(&exe, name, &args, &logs)?;
+        children.spawn(exe, name, &args, &logs)?;
     }
-    let ready: &[&Proxy] = if args.library {
-        &[&api_v1, &api_v2, &db]
-    } else {
-        &[&web, &api_v1, &api_v2, &db]
-    };
-    for p in ready {
-        wait_for("a proxy", Duration::from_secs(10), || {
-            http_ok(p.admin, "/ready", "admin").is_some()
+    for (name, _, _, p, _) in &proxies {
+        wait_for(children, name, Duration::from_secs(10), || {
+            http_get(p.admin, "/ready", "admin").map(drop)
         })?;
     }
-    wait_for("the demo", Duration::from_secs(10), || {
-        http_ok(web.outbound, "/", "web").is_some_and(|r| r.contains("api") && r.contains("echo:"))
+    wait_for(children, "the demo", Duration::from_secs(10), || {
+        let r = http_get(web.outbound, "/", "web")?;
+        if r.contains("api") && r.contains("echo:") {
+            Ok(())
+        } else {
+            let body = r.split_once("\r\n\r\n").map_or(r.as_str(), |(_, body)| body);
+            Err(format!(
+                "web answered without api's and db's parts:\n{}",
+                body.trim_end()
+            ))
+        }
+    })
+    .map_err(|e| {
+        let admins: Vec<_> = [
+            ("proxy-web", web.admin),
+            ("proxy-api-v1", api_v1.admin),
+            ("proxy-api-v2", api_v2.admin),
+            ("proxy-db", db.admin),
+        ]
+        .into_iter()
+        .filter(|(name, _)| !(library && *name == "proxy-web"))
+        .collect();
+        state::not_ready_hint(e, kept_state, &kept, &admins)
     })?;
-    print_banner(&args, control_addr, &web, &remote, &logs);
+    let found_at = crate::endpoint::write(
+        &crate::endpoint::Endpoint {
+            control: control_url.clone(),
+            ca: control_ca.clone(),
+            token_file: token_file.clone(),
+            pid: std::process::id(),
+        },
+        data,
+    )?;
+    let web_banner = if library {
+        banner::Web::Library(web.outbound)
+    } else {
+        banner::Web::Proxied(&web)
+    };
+    banner::print_banner(data, control_addr, web_banner, &remote, &logs, exe, &found_at);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let load = (!args.no_load).then(|| {
+    let load = load.then(|| {
         let stop = stop.clone();
         let target = web.outbound;
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let _ = http_ok(target, "/trickle", "web");
+                let _ = http_get(target, "/trickle", "web");
                 std::thread::sleep(Duration::from_millis(500));
             }
         })
     });
-    wait_for_signal()?;
-    eprintln!("\nstopping the demo...");
+    let outcome = wait_for_signal(children);
+    crate::endpoint::remove(&found_at);
     stop.store(true, Ordering::Relaxed);
     if let Some(load) = load {
         let _ = load.join();
     }
-    drop(children);
-    eprintln!("stopped.");
-    Ok(())
+    outcome
 }
 
-/// How the demo's CLI calls reach the control plane.
-struct Remote<'a> {
-    url: &'a str,
-    token_file: &'a Path,
-    ca: &'a Path,
-}
-
-impl Remote<'_> {
-    fn args(&self) -> [&std::ffi::OsStr; 6] {
-        [
-            "--control".as_ref(),
-            self.url.as_ref(),
-            "--token-file".as_ref(),
-            self.token_file.as_os_str(),
-            "--control-ca".as_ref(),
-            self.ca.as_os_str(),
-        ]
-    }
-}
-
-fn apply(exe: &Path, remote: &Remote) -> Result<(), String> {
-    let mut child = Command::new(exe)
-        .args(["apply", "-f", "-"])
-        .args(remote.args())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot run smesh apply: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(RESOURCES.as_bytes())
-            .map_err(|e| format!("smesh apply: {e}"))?;
-    }
-    let status = child.wait().map_err(|e| format!("smesh apply: {e}"))?;
-    if !status.success() {
-        return Err("applying the demo resources failed".into());
-    }
-    Ok(())
-}
-
-/// Creates a join token for `service` with the CLI and writes it to `path` (owner-only).
-fn join_token(exe: &Path, remote: &Remote, service: &str, path: &Path) -> Result<PathBuf, String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let out = Command::new(exe)
-        .args(["token", "create", "--service", service])
-        .args(remote.args())
-        .output()
-        .map_err(|e| format!("cannot run smesh token create: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "smesh token create failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    f.write_all(&out.stdout)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    Ok(path.to_path_buf())
-}
-
-fn print_banner(args: &UpArgs, control: SocketAddr, web: &Proxy, remote: &Remote, logs: &Path) {
-    let web_out = web.outbound;
-    if args.library {
-        println!(
-            r#"
-smesh demo mesh is up, web in library mode (the mesh linked in, no proxy).
-  control plane    https://{control}   (state, admin token and CA certificate in {data})
-  web              http://{web_out}   (its own port: mTLS, authorization and metrics in process)
-  logs             {logs}/
-
-Try:
-  curl http://{web_out}/hello          # web -> api (80% v1, 20% v2) -> db (TCP), all on mTLS
-  export SMESH_CONTROL=https://{control} SMESH_TOKEN_FILE={token} SMESH_CONTROL_CA={ca}
-  smesh get proxies; smesh get endpoints web
-
-Ctrl-C stops everything."#,
-            data = args.data.display(),
-            token = remote.token_file.display(),
-            ca = remote.ca.display(),
-            logs = logs.display(),
-        );
-        return;
-    }
-    println!(
-        r#"
-smesh demo mesh is up.
-  control plane    https://{control}   (state, admin token and CA certificate in {data})
-  web's proxy      http://{web_out}   admin http://{web_admin}/metrics
-  logs             {logs}/
-
-Try:
-  curl -H 'Host: web' http://{web_out}/hello                  # web -> api (80% v1, 20% v2) -> db (TCP), all on mTLS
-  curl -H 'Host: api' -H 'x-canary: true' http://{web_out}/    # always api v2
-  curl -x http://{web_out} http://api/                          # the proxy as an HTTP proxy
-  export SMESH_CONTROL=https://{control} SMESH_TOKEN_FILE={token} SMESH_CONTROL_CA={ca}
-  smesh get services; smesh get endpoints api; smesh get proxies; smesh get certificates
-  smesh kv put demo/greeting hello; smesh kv get demo/greeting
-  curl -s http://{web_admin}/metrics | grep smesh_requests_total
-
-Ctrl-C stops everything."#,
-        data = args.data.display(),
-        web_admin = web.admin,
-        token = remote.token_file.display(),
-        ca = remote.ca.display(),
-        logs = logs.display(),
-    );
-}
-
-fn wait_for_signal() -> Result<(), String> {
+/// Runs until Ctrl-C or SIGTERM (Ok), or until a child exits (Err naming it).
+fn wait_for_signal(children: &mut Children) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -435,10 +395,16 @@ fn wait_for_signal() -> Result<(), String> {
     runtime.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            // Signals first: on Ctrl-C the children get SIGINT too and exit; that is no failure.
+            tokio::select! {
+                biased;
+                _ = int.recv() => return Ok(()),
+                _ = term.recv() => return Ok(()),
+                _ = tick.tick() => children.check()?,
+            }
         }
-        Ok(())
     })
 }

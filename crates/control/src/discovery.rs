@@ -5,6 +5,7 @@
 use crate::feed::Feed;
 use crate::keys;
 use crate::registry::{ProxyStatus, Registration};
+use crate::stats::{Reporter, Ring};
 use crate::store::{Compare, LeaseId, Op, Store, StoreError};
 use crate::tls::PeerCertificate;
 use smesh_api::v1::discovery_server::Discovery;
@@ -24,6 +25,8 @@ pub struct DiscoveryService {
     /// With TLS: the trust domain whose proxy certificates a stream must present. The
     /// certificate, not the Hello, then says which service's endpoint a proxy may register.
     pub authenticate: Option<String>,
+    /// Where the proxies' golden-metric windows go.
+    pub stats: Arc<Ring>,
 }
 
 /// Checks the client certificate of a stream against what its Hello claims, and fills in
@@ -98,7 +101,7 @@ impl Discovery for DiscoveryService {
             .map_err(status_error)?;
         let (tx, rx) = mpsc::channel(4);
         let feed = self.feed.clone();
-        tokio::spawn(session.run(inbound, feed, tx, expires));
+        tokio::spawn(session.run(inbound, feed, tx, expires, self.stats.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -200,7 +203,15 @@ impl Session {
         mut feed: Feed,
         tx: mpsc::Sender<Result<ConfigSnapshot, Status>>,
         expires: Option<SystemTime>,
+        stats: Arc<Ring>,
     ) {
+        // The Hello (checked against the certificate with TLS) says whose windows these are.
+        let endpoint = self.hello.endpoint.clone().unwrap_or_default();
+        let reporter = Reporter {
+            proxy_id: self.hello.proxy_id.clone(),
+            service: endpoint.service,
+            identity: endpoint.identity,
+        };
         // A stream lives no longer than the certificate that opened it: the proxy comes
         // back with its renewed one.
         let expired = async {
@@ -254,6 +265,9 @@ impl Session {
                             tracing::warn!(proxy = %self.hello.proxy_id, version = ack.version, error = %ack.error, "proxy rejected a snapshot");
                         }
                         self.save_status();
+                    }
+                    Ok(Some(ProxyMessage { kind: Some(proxy_message::Kind::Stats(window)) })) => {
+                        stats.ingest(&reporter, window, crate::stats::now_ms());
                     }
                     Ok(Some(ProxyMessage { kind: Some(proxy_message::Kind::Goodbye(_)) })) => {
                         goodbye = true;

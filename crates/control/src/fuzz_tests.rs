@@ -514,6 +514,7 @@ fn fuzz_kv_api() {
         store,
         token: TOKEN.into(),
         ca: Arc::new(arc_swap::ArcSwap::from_pointee(ca)),
+        stats: Arc::new(crate::stats::Ring::new(1)),
     });
     let harness = std::cell::RefCell::new(KvHarness {
         app: routes(state),

@@ -2,7 +2,8 @@
 //! endpoint push, registration) and HTTP for people and tools (admin API, KV).
 //!
 //! Modules: [`store`] (state), [`feed`] + [`compose`] (what proxies get), [`discovery`]
-//! (the proxy streams), [`api`] (HTTP: admin API and KV), [`keys`] (the store layout).
+//! (the proxy streams), [`api`] (HTTP: admin API and KV), [`keys`] (the store layout),
+//! [`stats`] (golden metrics the proxies push, in memory).
 
 pub mod api;
 pub mod ca;
@@ -15,6 +16,7 @@ pub mod identity;
 pub mod keys;
 pub mod listener;
 pub mod registry;
+pub mod stats;
 pub mod store;
 pub mod tls;
 
@@ -166,12 +168,14 @@ async fn serve(options: ControlOptions) -> Result<(), String> {
             }
         });
     }
+    let stats = Arc::new(stats::Ring::new(stats::DEFAULT_WINDOWS));
     let discovery = discovery::DiscoveryService {
         store: store.clone(),
         feed,
         default_ttl: options.lease_ttl,
         replica: options.listen.to_string(),
         authenticate: tls.is_some().then(|| options.trust_domain.clone()),
+        stats: stats.clone(),
     };
     let identity = identity::IdentityService {
         store: store.clone(),
@@ -180,7 +184,13 @@ async fn serve(options: ControlOptions) -> Result<(), String> {
     let grpc = tonic::service::Routes::new(smesh_api::v1::discovery_server::DiscoveryServer::new(discovery))
         .add_service(smesh_api::v1::identity_server::IdentityServer::new(identity))
         .into_axum_router();
-    let app = grpc.merge(api::routes(Arc::new(api::ApiState { store, token, ca })));
+    let state = Arc::new(api::ApiState {
+        store,
+        token,
+        ca,
+        stats,
+    });
+    let app = grpc.merge(api::routes(state)).fallback(api::not_found);
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(listen = %options.listen, store = %options.store, scheme, "smesh control ready");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

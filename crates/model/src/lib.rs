@@ -19,6 +19,8 @@ mod ratelimit;
 mod resources;
 mod security;
 mod spiffe;
+mod subsets;
+mod trace;
 mod validate;
 
 pub use error::{ConfigError, ConfigErrors};
@@ -31,4 +33,6 @@ pub use ratelimit::*;
 pub use resources::*;
 pub use security::*;
 pub use spiffe::{certificate_spiffe_id, SpiffeId};
+pub use subsets::{empty_subsets, subset_text};
+pub use trace::TracingSpec;
 pub use validate::{validate, validate_name};

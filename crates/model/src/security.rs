@@ -20,6 +20,9 @@ pub struct MeshConfigSpec {
     /// Lifetime of the certificates the CA issues to proxies. Default 24h.
     #[serde(default, with = "duration::option", skip_serializing_if = "Option::is_none")]
     pub certificate_ttl: Option<Duration>,
+    /// Span export and sampling; absent, proxies trace nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<crate::TracingSpec>,
 }
 
 impl MeshConfigSpec {

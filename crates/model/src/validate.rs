@@ -336,6 +336,9 @@ impl Checker<'_> {
                 self.fail("spec.certificateTtl", "certificate TTL must be at least 5s");
             }
         }
+        for (field, why) in m.spec.tracing.iter().flat_map(|t| t.problems()) {
+            self.fail(&format!("spec.tracing.{field}"), why);
+        }
     }
 
     fn authorization(&mut self, p: &crate::AuthorizationPolicy, services: &HashSet<&str>) {
@@ -492,6 +495,26 @@ mod tests {
         assert!(e.contains("only one MeshConfig"), "{e}");
         let e = errors(&mesh.replace("strict", "strikt"));
         assert!(e.contains("spec.mtls") && e.contains("unknown variant"), "{e}");
+        let traced = |tracing: &str| errors(&mesh.replace("certificateTtl: 10s", &format!("tracing: {tracing}")));
+        assert_eq!(
+            traced("{collector: '127.0.0.1:4317', sampling: 0.5, slowThreshold: 200ms}"),
+            ""
+        );
+        assert_eq!(traced("{collector: 'otel-collector.monitoring:4317'}"), "");
+        let e = traced("{collector: 'http://c:4317', sampling: 2, slowThreshold: 0s}");
+        assert!(
+            e.contains("spec.tracing.collector: \"http://c:4317\" has a scheme"),
+            "{e}"
+        );
+        assert!(
+            e.contains("spec.tracing.sampling: 2 is not a share between 0 and 1"),
+            "{e}"
+        );
+        assert!(e.contains("spec.tracing.slowThreshold: must be greater than 0"), "{e}");
+        let e = traced("{collector: 'c'}");
+        assert!(e.contains("spec.tracing.collector: \"c\" has no port"), "{e}");
+        let e = traced("{collector: 'c:4317', rate: 1}");
+        assert!(e.contains("spec.tracing") && e.contains("unknown field `rate`"), "{e}");
     }
 
     #[test]

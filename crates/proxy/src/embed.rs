@@ -15,6 +15,7 @@ use crate::identity::TlsHandle;
 use crate::listen::http::{HttpProxy, Target};
 use crate::listen::server::{ListenerSpec, Shared};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::window::Stats;
 use arc_swap::ArcSwap;
 use http::{Request, Response};
 use std::net::SocketAddr;
@@ -69,6 +70,10 @@ impl Embedded {
         )?));
         let trust = control_trust(&options)?;
         let tls: TlsHandle = identity.as_ref().map(|i| i.tls.clone()).unwrap_or_default();
+        // Golden metrics go to the control plane: without one, nothing records them. The
+        // caller's runtime threads record, sharded as a proxy's workers are.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let stats = (!options.control.is_empty()).then(|| Arc::new(Stats::new(threads)));
         let shared = Arc::new(Shared {
             config: config.clone(),
             metrics: metrics.clone(),
@@ -79,6 +84,7 @@ impl Embedded {
             tls: tls.clone(),
             resets: Arc::new(ResetLimiter::new(options.limits.max_client_resets)),
             identities: identities.clone(),
+            stats: stats.clone(),
         });
         let configured = Arc::new(AtomicBool::new(options.control.is_empty()));
         let admin_state = Arc::new(Admin {
@@ -119,6 +125,7 @@ impl Embedded {
             tls,
             configured,
             admin_address,
+            stats,
         };
         // The task ends on `stop`; nothing waits for it.
         drop(source.start(stop_rx).await);

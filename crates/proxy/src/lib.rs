@@ -17,7 +17,8 @@
 //! 6. `response_filters`: the route's response filters, upgrades become tunnels;
 //! 7. `finish`: response metrics, then [`listen::complete`] completes the request's
 //!    [`telemetry::event::RequestEvent`] when the response body ends, for the metrics, the
-//!    access log and the filters.
+//!    access log, the golden-metric window ([`telemetry::window`]) and the filters; a
+//!    request no consumer watches goes into the window at its response head.
 //!
 //! Opaque streams ([`tcp`]) report one [`telemetry::event::ConnectionEvent`] each.
 //! [`config::reload`], [`config::control`] and [`app::admin`] run on the main thread.
@@ -48,7 +49,10 @@
 //! - [`http`]: building blocks without policy: the one body type, headers, error responses,
 //!   replay, the upstream connection pools, the connector and the HTTP/2 client, upstream
 //!   request building.
-//! - [`telemetry`]: request and connection events, metrics, the access log.
+//! - [`trace`]: distributed tracing (W3C trace context, sampling, OTLP export), a
+//!   [`filter::Filter`] the configuration snapshot installs when the MeshConfig asks.
+//! - [`telemetry`]: request and connection events, metrics, the access log, the
+//!   golden-metric windows [`config::control`] pushes to the control plane.
 //! - [`shutdown`]: the stop signal every background loop watches.
 
 pub mod app;
@@ -67,6 +71,7 @@ pub mod route;
 pub mod shutdown;
 pub mod tcp;
 pub mod telemetry;
+pub mod trace;
 
 pub use app::options::ProxyOptions;
 pub use app::sidecar::run;

@@ -1,6 +1,7 @@
-//! `GET /api/v1/check` (and `smesh check`): is the mesh's identity system healthy? The CA
-//! root's remaining life, certificates that should have been renewed by now, and proxies that
-//! front a service without an identity.
+//! `GET /api/v1/check` (and `smesh check`): is the mesh healthy? The CA root's remaining
+//! life, certificates that should have been renewed by now, proxies that front a service
+//! without an identity, and proxies that rejected the configuration they were sent (they keep
+//! serving their previous one, so the change is not in effect there).
 
 use super::{require_read, ApiError, Shared};
 use crate::identity::IssuedCertificate;
@@ -92,9 +93,12 @@ pub async fn check(
     });
 
     let (proxies, _) = state.store.list(keys::PROXIES).await?;
-    let missing: Vec<String> = proxies
+    let proxies: Vec<ProxyStatus> = proxies
         .iter()
         .filter_map(|kv| serde_json::from_slice::<ProxyStatus>(&kv.value).ok())
+        .collect();
+    let missing: Vec<String> = proxies
+        .iter()
         .filter(|p| !p.service.is_empty() && p.identity.is_empty())
         .map(|p| format!("{} ({})", p.proxy_id, p.service))
         .collect();
@@ -110,6 +114,32 @@ pub async fn check(
             format!("without an identity: {}", missing.join(", "))
         },
     });
+    checks.push(rejected_configuration(&proxies));
     let ok = checks.iter().all(|c| c.ok);
     Ok(Json(serde_json::json!({"ok": ok, "checks": checks})))
+}
+
+/// Proxies whose newest answer was a nack: the version they rejected, and why.
+fn rejected_configuration(proxies: &[ProxyStatus]) -> Check {
+    let nacked: Vec<String> = proxies
+        .iter()
+        .filter(|p| p.nacked_version > p.acked_version)
+        .map(|p| {
+            let who = if p.service.is_empty() {
+                p.proxy_id.clone()
+            } else {
+                format!("{} ({})", p.proxy_id, p.service)
+            };
+            format!("{who} rejected version {}: {}", p.nacked_version, p.last_error)
+        })
+        .collect();
+    Check {
+        name: "config",
+        ok: nacked.is_empty(),
+        detail: if nacked.is_empty() {
+            "every proxy accepted its newest configuration".into()
+        } else {
+            format!("{}; they keep serving their previous configuration", nacked.join("; "))
+        },
+    }
 }

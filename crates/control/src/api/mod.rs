@@ -1,10 +1,11 @@
-//! The HTTP admin API: resources, the KV API, join tokens, the CA and `check`. Writes need the
+//! The HTTP admin API: resources, the KV API, join tokens, the CA, `check` and the stats. Writes need the
 //! admin token; reads are open to loopback clients.
 
 pub mod ca;
 pub mod check;
 pub mod kv;
 pub mod resources;
+pub mod stats;
 pub mod tokens;
 
 use crate::store::{Store, StoreError};
@@ -20,6 +21,8 @@ pub struct ApiState {
     pub token: String,
     /// The CA in use (its roots, for `smesh check` and rotation).
     pub ca: crate::ca::CaHandle,
+    /// The golden-metric windows the proxies pushed.
+    pub stats: Arc<crate::stats::Ring>,
 }
 
 pub type Shared = Arc<ApiState>;
@@ -37,12 +40,35 @@ pub fn routes(state: Shared) -> Router {
         .route("/api/v1/tokens", axum::routing::post(tokens::create_token))
         .route("/api/v1/certificates", get(resources::certificates))
         .route("/api/v1/check", get(check::check))
+        .route("/api/v1/stats/{view}", get(stats::stats))
         .route("/api/v1/ca", get(ca::show))
         .route("/api/v1/ca/rotate", axum::routing::post(ca::rotate))
         .route("/api/v1/ca/retire", axum::routing::post(ca::retire))
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(kv::routes())
         .with_state(state)
+}
+
+/// Whatever no route matched. A gRPC call (to a method this server lacks) gets gRPC's
+/// UNIMPLEMENTED as before; anything else is a REST path that does not exist: 404 with a JSON
+/// error, not an HTTP/2 200 a REST client cannot read.
+pub async fn not_found(req: axum::extract::Request) -> Response {
+    let grpc = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        let (parts, ()) = tonic::Status::unimplemented("").into_http::<()>().into_parts();
+        return Response::from_parts(parts, axum::body::Body::empty());
+    }
+    let body = serde_json::json!({
+        "error": "not found",
+        "path": req.uri().path(),
+        "message": "no such path: the API is under /api/v1/ (apply, resources/KIND, endpoints/SERVICE, \
+                    proxies, certificates, tokens, check, ca), /v1/kv/KEY, /v1/watch/kv/PREFIX and /healthz",
+    });
+    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
 }
 
 /// An error as the API returns it: a status and a plain-text body a person can act on.

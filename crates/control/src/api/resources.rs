@@ -137,8 +137,27 @@ pub(super) async fn apply(
             "resources changed during apply; apply again".into(),
         ));
     }
+    // Against the endpoints the services have now (static and registered); a warning only.
+    let registered = registrations(&kvs);
+    let endpoint_labels = |service: &str| {
+        let stored = merged.iter().filter_map(|s| match &s.resource {
+            Resource::Service(svc) if svc.metadata.name == service => Some(svc),
+            _ => None,
+        });
+        let mut labels: Vec<_> = stored
+            .flat_map(|svc| svc.spec.endpoints.iter().map(|e| e.labels.clone()))
+            .collect();
+        labels.extend(
+            registered
+                .iter()
+                .filter(|r| r.service == service)
+                .map(|r| r.labels.clone().into_iter().collect()),
+        );
+        labels
+    };
+    let warnings = smesh_model::empty_subsets(new.iter().map(|s| &s.resource), endpoint_labels);
     Ok(Json(
-        serde_json::json!({"revision": outcome.revision, "applied": applied}),
+        serde_json::json!({"revision": outcome.revision, "applied": applied, "warnings": warnings}),
     ))
 }
 

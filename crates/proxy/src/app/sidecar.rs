@@ -17,6 +17,7 @@ use crate::listen::server::{ListenerSpec, Shared};
 use crate::shutdown::wait_for_signal;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::window::Stats;
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -56,6 +57,8 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
     };
     // Requests leaving this proxy present its workload's identity.
     let tls: TlsHandle = identity.as_ref().map(|i| i.tls.clone()).unwrap_or_default();
+    // Golden metrics go to the control plane: without one, nothing records them.
+    let stats = (!options.control.is_empty()).then(|| Arc::new(Stats::new(workers.count())));
     let shared = Arc::new(Shared {
         config: config.clone(),
         metrics: metrics.clone(),
@@ -66,6 +69,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
         tls: tls.clone(),
         resets: Arc::new(ResetLimiter::new(options.limits.max_client_resets)),
         identities: identities.clone(),
+        stats: stats.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let worker_count = workers.count();
@@ -109,6 +113,7 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
             tls: tls.clone(),
             configured: configured.clone(),
             admin_address: options.admin.to_string(),
+            stats: stats.clone(),
         };
         let config_task = source.start(stop_rx.clone()).await;
         for (name, addr) in &addresses {

@@ -12,6 +12,7 @@ use crate::identity::control_tls::{ControlTrust, ControlUrl};
 use crate::identity::table::{Identities, Identity};
 use crate::identity::{IdentityAgent, TlsHandle};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::window::Stats;
 use arc_swap::ArcSwap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -26,7 +27,8 @@ pub fn first_snapshot(
     workload: Option<&Workload>,
     metrics: &Arc<Metrics>,
 ) -> Result<Snapshot, String> {
-    let empty = Snapshot::serving(workload.and_then(Workload::limited_service));
+    let mut empty = Snapshot::serving(workload.and_then(Workload::limited_service));
+    empty.workload = options.service.as_deref().map(std::sync::Arc::from);
     match (&options.config, options.control.is_empty()) {
         (Some(path), true) => {
             let items = reload::load(path)?;
@@ -82,6 +84,8 @@ pub struct Source<'a> {
     pub configured: Arc<AtomicBool>,
     /// The admin address announced in Hello (where /metrics is scraped); empty: none.
     pub admin_address: String,
+    /// The golden-metric windows sent to the control plane; none records without one.
+    pub stats: Option<Arc<Stats>>,
 }
 
 impl Source<'_> {
@@ -126,6 +130,7 @@ impl Source<'_> {
             metrics: self.metrics,
             configured: self.configured,
             max_config_bytes: options.max_config_bytes,
+            stats: self.stats,
         };
         tokio::spawn(client.run(stop))
     }

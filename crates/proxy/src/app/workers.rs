@@ -1,4 +1,4 @@
-//! The workers (DESIGN.md section 3), whatever the mode: N threads, each running its own
+//! The workers (docs/architecture.md, "Workers"), whatever the mode: N threads, each running its own
 //! single-threaded runtime and accepting on its own `SO_REUSEPORT` socket for every listener,
 //! so a connection and the upstream connections it uses stay on one thread. A mode gives the
 //! listeners and the state they share; the workers bind, accept, and drain on stop.

@@ -101,6 +101,7 @@ impl Workload {
                 balancer,
                 protocol: self.app_protocol,
                 policy: None,
+                subset: None,
             }],
             Default::default(),
             None,

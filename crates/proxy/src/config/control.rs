@@ -1,16 +1,18 @@
 //! The control-plane client: one gRPC stream to any control replica. It registers this
 //! proxy's endpoint, applies each pushed snapshot (or nacks it and keeps the old one), and
-//! reconnects with jittered backoff, serving the last good configuration meanwhile.
+//! reconnects with jittered backoff, serving the last good configuration meanwhile. While
+//! connected it also pushes each closed golden-metric window (`crate::telemetry::window`).
 
 use crate::config::snapshot::Snapshot;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::window::{Stats, WINDOW};
 use arc_swap::ArcSwap;
 use smesh_api::transport::{grpc_channel, ControlTrust};
 use smesh_api::v1::discovery_client::DiscoveryClient;
 use smesh_api::v1::{proxy_message, Ack, ConfigSnapshot, Goodbye, Hello, ProxyMessage};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -32,6 +34,8 @@ pub struct ControlClient {
     pub configured: Arc<AtomicBool>,
     /// Snapshots larger than this are refused (nacked).
     pub max_config_bytes: usize,
+    /// The golden-metric window this client closes and pushes.
+    pub stats: Option<Arc<Stats>>,
 }
 
 enum End {
@@ -103,8 +107,22 @@ impl ControlClient {
         };
         tracing::info!(control = %url, "connected to the control plane");
         let mut worked = false;
+        // What was recorded while disconnected is dropped: a window covers its 10 s only.
+        let (mut window_start, mut window_end) = window_bounds();
+        if let Some(stats) = &self.stats {
+            stats.close(0);
+        }
         loop {
             tokio::select! {
+                _ = tokio::time::sleep_until(window_end), if self.stats.is_some() => {
+                    // Sent even when empty: the control plane counts the time it has windows
+                    // for, and a quiet proxy is then seen as quiet rather than gone.
+                    let window = self.stats.as_ref().map(|s| s.close(window_start)).unwrap_or_default();
+                    (window_start, window_end) = window_bounds();
+                    if tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Stats(window)) }).await.is_err() {
+                        return End::Lost("stream closed".into(), worked);
+                    }
+                }
                 message = inbound.message() => match message {
                     Ok(Some(snapshot)) => {
                         let ack = self.apply(snapshot);
@@ -191,6 +209,19 @@ impl ControlClient {
             }
         }
     }
+}
+
+/// The wall-clock window open now: its start (Unix ms) and when it closes. Windows are
+/// aligned to their length, so every proxy's windows line up at the control plane.
+fn window_bounds() -> (u64, tokio::time::Instant) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let length = WINDOW.as_millis() as u64;
+    let start = now - now % length;
+    let left = Duration::from_millis(start + length - now);
+    (start, tokio::time::Instant::now() + left)
 }
 
 fn next_roots(bundle: &str) -> usize {

@@ -2,9 +2,11 @@
 //! Built off the request path, then swapped in atomically; never mutated afterwards.
 
 use crate::balance::{Balancer, Endpoint, EndpointStats};
+use crate::filter::{Filter, Filters};
 use crate::resilience::policy::ServicePolicy;
 use crate::route::rule::{RetryPolicy, RouteMatch, Rule, WeightedBackend};
 use crate::telemetry::metrics::Metrics;
+use crate::trace::Tracer;
 use rustc_hash::FxHashMap;
 use smesh_model::{GrpcRoute, HttpRoute, HttpRouteRule, MtlsMode, Protocol, Resource, Service, Sourced};
 use std::collections::{BTreeMap, HashMap};
@@ -33,6 +35,13 @@ pub struct Snapshot {
     /// This proxy's share of its Service's BackendPolicy `rateLimit`, checked on inbound
     /// requests (kept by the next build when the share is unchanged).
     pub inbound_limit: Option<Arc<crate::resilience::ratelimit::RateLimits>>,
+    /// What this proxy's spans are named by (`service.name`): its workload's Service;
+    /// carried from snapshot to snapshot.
+    pub workload: Option<Arc<str>>,
+    /// The MeshConfig's tracing, running (kept by the next build when unchanged).
+    tracer: Option<Arc<Tracer>>,
+    /// The filters this configuration installs on every request: the tracer, if any.
+    pub filters: Option<Filters>,
 }
 
 /// Everything needed to route a request addressed to one Service.
@@ -87,6 +96,9 @@ impl Snapshot {
             limiters: FxHashMap::default(),
             local_service: local_service.map(Arc::from),
             inbound_limit: None,
+            workload: None,
+            tracer: None,
+            filters: None,
         }
     }
 
@@ -313,6 +325,7 @@ impl Snapshot {
                         balancer: balancer.clone(),
                         protocol: own_protocol,
                         policy: policies.get(&*name).cloned(),
+                        subset: None,
                     }],
                     Default::default(),
                     None,
@@ -349,6 +362,7 @@ impl Snapshot {
                 _ => None,
             })
             .unwrap_or_default();
+        let tracer = Self::tracer(items, previous, metrics);
         Snapshot {
             generation: previous.generation + 1,
             mtls,
@@ -361,6 +375,33 @@ impl Snapshot {
             limiters,
             local_service: previous.local_service.clone(),
             inbound_limit,
+            workload: previous.workload.clone(),
+            filters: tracer.clone().map(|t| Arc::from([t as Arc<dyn Filter>])),
+            tracer,
+        }
+    }
+
+    /// The tracer the MeshConfig's `tracing` asks for: the previous one when unchanged, a
+    /// new one (a new export thread; the old one ends when its last request is done) when
+    /// changed, none without `tracing`.
+    fn tracer(items: &[Sourced], previous: &Snapshot, metrics: &Arc<Metrics>) -> Option<Arc<Tracer>> {
+        let spec = items.iter().find_map(|i| match &i.resource {
+            Resource::MeshConfig(m) => m.spec.tracing.as_ref(),
+            _ => None,
+        })?;
+        let service = previous.workload.as_deref().unwrap_or("smesh-proxy");
+        if let Some(running) = previous.tracer.as_ref().filter(|t| t.is(spec, service)) {
+            return Some(running.clone());
+        }
+        match Tracer::start(spec, service, metrics.clone()) {
+            Ok(tracer) => {
+                tracing::info!(collector = %spec.collector, sampling = spec.sampling(), "tracing on");
+                Some(Arc::new(tracer))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "tracing stays off");
+                None
+            }
         }
     }
 }
@@ -399,6 +440,7 @@ impl RuleContext<'_> {
                 balancer: self.balancer.clone(),
                 protocol: self.own_protocol,
                 policy: self.policies.get(&**name).cloned(),
+                subset: None,
             }]
         } else {
             rule.backend_refs
@@ -409,6 +451,7 @@ impl RuleContext<'_> {
                     balancer: (self.balancer_for)(&b.name, &b.subset),
                     protocol: (self.protocol_of)(&b.name),
                     policy: self.policies.get(b.name.as_str()).cloned(),
+                    subset: (!b.subset.is_empty()).then(|| Arc::from(smesh_model::subset_text(&b.name, &b.subset))),
                 })
                 .collect()
         };
@@ -514,6 +557,27 @@ mod tests {
 
     fn gauge(m: &Metrics) -> f64 {
         m.resilience.rate_limit_share.with_label_values(&["api"]).get()
+    }
+
+    #[test]
+    fn the_mesh_config_turns_tracing_on_and_off_and_an_unchanged_reload_keeps_the_tracer() {
+        let metrics = Metrics::new();
+        let mesh = |sampling: &str| {
+            let text = format!("apiVersion: smesh.io/v1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {{tracing: {{collector: '127.0.0.1:9', sampling: {sampling}}}}}\n");
+            smesh_model::load("mesh.yaml", &text).expect("valid")
+        };
+        let off = Snapshot::build(&items(1, None), &Snapshot::empty(), &metrics, "outbound");
+        assert!(off.filters.is_none());
+        let on = Snapshot::build(&mesh("0.5"), &off, &metrics, "outbound");
+        let again = Snapshot::build(&mesh("0.5"), &on, &metrics, "outbound");
+        let changed = Snapshot::build(&mesh("0.1"), &again, &metrics, "outbound");
+        let tracer = |s: &Snapshot| s.tracer.clone().expect("tracing on");
+        assert!(Arc::ptr_eq(&tracer(&on), &tracer(&again)));
+        assert!(!Arc::ptr_eq(&tracer(&again), &tracer(&changed)));
+        assert_eq!(changed.filters.as_ref().map(|f| f.len()), Some(1));
+        assert!(Snapshot::build(&items(1, None), &changed, &metrics, "outbound")
+            .filters
+            .is_none());
     }
 
     #[test]

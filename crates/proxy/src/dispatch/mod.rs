@@ -14,7 +14,7 @@ pub mod request_body;
 mod tests;
 
 use crate::balance::{InFlight, Unreachable};
-use crate::filter::Filter;
+use crate::filter::RequestFilters;
 use crate::http::body::{Body, ClientBody};
 pub use crate::http::errors::Failure;
 use crate::http::errors::{Cause, ProxyError};
@@ -26,6 +26,7 @@ use crate::identity::MeshTls;
 use crate::route::rule::{RetryPolicy, Rule};
 use crate::telemetry::event::RequestCtx;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::trace_context::TryOutcome;
 use http::request::Parts;
 use http::{HeaderMap, Response, Version};
 use request_body::{NoReplay, RequestBody};
@@ -44,7 +45,7 @@ pub struct Dispatch<'a> {
     /// This proxy's mesh identity, if it has one.
     pub mesh_tls: Option<Arc<MeshTls>>,
     pub metrics: &'a Metrics,
-    pub filters: &'a [Arc<dyn Filter>],
+    pub filters: RequestFilters<'a>,
 }
 
 impl Dispatch<'_> {
@@ -174,7 +175,14 @@ impl Tries<'_, '_> {
             };
             let Some(endpoint) = picked else {
                 return Err(if backend.balancer.is_empty() {
-                    Failure::new(ProxyError::NoEndpoints, Cause::NoEndpoints(backend.service.clone()))
+                    let service = backend.service.clone();
+                    let cause = match &backend.subset {
+                        // A subset's balancer is empty when no endpoint has its labels,
+                        // however many the service has: say which subset.
+                        Some(subset) => Cause::NoneInSubset(service, subset.clone()),
+                        None => Cause::NoEndpoints(service),
+                    };
+                    Failure::new(ProxyError::NoEndpoints, cause)
                 } else {
                     let cause = Cause::NoReachableEndpoint(backend.service.clone());
                     Failure::new(ProxyError::ConnectFailed, cause)
@@ -217,7 +225,7 @@ impl Tries<'_, '_> {
             {
                 ctx.destination = Some(backend.service.clone());
             }
-            for filter in self.dispatch.filters {
+            for filter in self.dispatch.filters.iter() {
                 filter.upstream_request(ctx, &mut upstream_req);
             }
             let in_flight = InFlight::start(&endpoint);
@@ -237,6 +245,7 @@ impl Tries<'_, '_> {
                 Some(t) => tokio::time::timeout(t, send).await.ok(),
                 None => Some(send.await),
             };
+            ctx.try_ended(|| try_outcome(&outcome));
             if let Some(p) = &backend.policy {
                 if let Some(status) = crate::resilience::policy::outcome_status(&outcome) {
                     p.observe(&endpoint, status);
@@ -333,6 +342,20 @@ impl Tries<'_, '_> {
                 tokio::time::sleep(policy.backoff.saturating_mul(1 << (retries - 1).min(6))).await;
             }
         }
+    }
+}
+
+/// A try's end as its trace span reports it.
+fn try_outcome(outcome: &Option<Result<Response<Body>, pool::SendError>>) -> TryOutcome {
+    match outcome {
+        Some(Ok(resp)) => TryOutcome::Answered(resp.status().as_u16()),
+        Some(Err(e)) => TryOutcome::Failed(match e.retry_class() {
+            RetryClass::Elsewhere => "connect_failed",
+            RetryClass::Resend => "stream_refused",
+            RetryClass::Never => "client_body_failed",
+            RetryClass::ByPolicy(_) => "upstream_failed",
+        }),
+        None => TryOutcome::TimedOut,
     }
 }
 

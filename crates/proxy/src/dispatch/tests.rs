@@ -118,7 +118,7 @@ async fn send<B: Into<ClientBody>>(
         max_retry_body_bytes: retry_limit,
         mesh_tls: None,
         metrics,
-        filters: &[],
+        filters: Default::default(),
     };
     let mut ctx = ctx();
     let result = dispatch.send(&mut ctx, parts, body, false).await;

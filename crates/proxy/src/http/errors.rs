@@ -125,6 +125,8 @@ pub enum Cause {
     RequestTimeout(Duration),
     /// The Service (or the subset a route picked) has no endpoints at all.
     NoEndpoints(Arc<str>),
+    /// The label subset a route picked (`api{version=v3}`) matches no endpoint of the Service.
+    NoneInSubset(Arc<str>, Arc<str>),
     /// Every endpoint of the Service that was tried failed to connect.
     NoReachableEndpoint(Arc<str>),
     Connect(SocketAddr, BodyError),
@@ -172,6 +174,9 @@ impl fmt::Display for Cause {
             Cause::Said(words) => f.write_str(words),
             Cause::RequestTimeout(d) => write!(f, "request timeout {}", humantime::format_duration(*d)),
             Cause::NoEndpoints(service) => write!(f, "service {service:?} has no endpoints"),
+            Cause::NoneInSubset(service, subset) => {
+                write!(f, "none in {subset} (no endpoint of {service:?} has these labels)")
+            }
             Cause::NoReachableEndpoint(service) => write!(f, "no reachable endpoint of {service:?}"),
             Cause::Connect(endpoint, e) | Cause::Upstream(endpoint, e) => write!(f, "{endpoint}: {e}"),
             Cause::NoAnswerInTime(endpoint) => write!(f, "no response from {endpoint} in time"),

@@ -4,11 +4,14 @@
 //!
 //! A response is watched only when some consumer takes the event (the access log is on,
 //! filters are installed, or the request is a gRPC call, whose status comes in the
-//! trailers); otherwise nothing is built and the response goes out untouched.
+//! trailers); otherwise nothing is built and the response goes out untouched (the
+//! golden-metric window then takes the request at its head, `crate::listen::http`).
 
+use crate::filter::{Filters, RequestFilters};
 use crate::http::body::{Body, BodyError};
 use crate::listen::server::Shared;
 use crate::telemetry::event::{BodyEnd, RequestCtx, RequestEvent};
+use crate::telemetry::window::Sample;
 use bytes::Bytes;
 use http::{HeaderMap, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -18,9 +21,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 impl Shared {
-    /// Whether any consumer wants this request's event.
-    pub fn want(&self, ctx: &RequestCtx) -> bool {
-        ctx.grpc || self.access_log.is_some() || self.filters.is_some()
+    /// Whether any consumer wants this request's event (`configured`: the snapshot's
+    /// filters).
+    pub fn want(&self, ctx: &RequestCtx, configured: &Option<Filters>) -> bool {
+        ctx.grpc || self.access_log.is_some() || self.filters.is_some() || configured.is_some()
     }
 
     /// Whether a consumer reports the request line.
@@ -29,14 +33,17 @@ impl Shared {
     }
 
     /// Hands a finished request to every consumer.
-    pub fn deliver(&self, event: &RequestEvent) {
+    pub fn deliver(&self, event: &RequestEvent, configured: &Option<Filters>) {
         if let Some(route) = event.ctx.route.as_ref().filter(|_| event.ctx.grpc) {
             route.grpc_response(event.grpc_status);
+        }
+        if let Some(stats) = &self.stats {
+            stats.record(&Sample::of_event(event));
         }
         if let Some(log) = &self.access_log {
             log.record_request(event);
         }
-        for filter in self.filters.iter().flat_map(|f| f.iter()) {
+        for filter in RequestFilters::new(&self.filters, configured).iter() {
             filter.request_done(event);
         }
     }
@@ -44,7 +51,12 @@ impl Shared {
 
 /// Watches `resp`'s body to its end and then delivers the request's event (the caller
 /// checked [`Shared::want`]).
-pub fn watch(ctx: RequestCtx, resp: Response<Body>, shared: &Arc<Shared>) -> Response<Body> {
+pub fn watch(
+    ctx: RequestCtx,
+    resp: Response<Body>,
+    shared: &Arc<Shared>,
+    configured: Option<Filters>,
+) -> Response<Body> {
     let to_head = ctx.start.elapsed();
     let (parts, inner) = resp.into_parts();
     // A trailers-only gRPC response (a call that failed before any message) has its status
@@ -63,6 +75,7 @@ pub fn watch(ctx: RequestCtx, resp: Response<Body>, shared: &Arc<Shared>) -> Res
         inner,
         event: Some(event),
         shared: shared.clone(),
+        configured,
     };
     Response::from_parts(parts, Body::Boxed(Box::pin(watched)))
 }
@@ -77,6 +90,8 @@ struct Watched {
     /// `None` once delivered.
     event: Option<RequestEvent>,
     shared: Arc<Shared>,
+    /// The snapshot's filters when the request started.
+    configured: Option<Filters>,
 }
 
 impl Watched {
@@ -84,7 +99,7 @@ impl Watched {
         if let Some(mut event) = self.event.take() {
             event.to_end = event.ctx.start.elapsed();
             event.end = end;
-            self.shared.deliver(&event);
+            self.shared.deliver(&event, &self.configured);
         }
     }
 }
@@ -175,6 +190,7 @@ mod tests {
             tls: Default::default(),
             resets: Arc::new(crate::http::resets::ResetLimiter::new(0)),
             identities: Default::default(),
+            stats: None,
         };
         (Arc::new(shared), metrics)
     }
@@ -226,6 +242,7 @@ mod tests {
             ctx(&metrics, true),
             response(vec![data("msg"), trailers("14")]),
             &shared,
+            None,
         );
         assert_eq!(resp.status(), 200);
         let _ = resp.into_body().collect().await;
@@ -239,7 +256,7 @@ mod tests {
         let recorder = Arc::new(Recorder::default());
         let (shared, metrics) = shared(Some(recorder.clone()));
         let cut: Result<Frame<Bytes>, BodyError> = Err("upstream went away".into());
-        let resp = watch(ctx(&metrics, false), response(vec![data("part"), cut]), &shared);
+        let resp = watch(ctx(&metrics, false), response(vec![data("part"), cut]), &shared, None);
         assert!(resp.into_body().collect().await.is_err());
         let seen = recorder.0.lock().unwrap().clone();
         assert_eq!(seen, vec![(None, 4, BodyEnd::Error("upstream went away".into()), true)]);
@@ -249,7 +266,7 @@ mod tests {
     async fn a_body_dropped_unfinished_completes_as_dropped() {
         let recorder = Arc::new(Recorder::default());
         let (shared, metrics) = shared(Some(recorder.clone()));
-        let mut body = watch(ctx(&metrics, true), response(vec![data("a"), data("b")]), &shared).into_body();
+        let mut body = watch(ctx(&metrics, true), response(vec![data("a"), data("b")]), &shared, None).into_body();
         let first = body.frame().await;
         assert!(first.is_some_and(|f| f.is_ok()));
         drop(body);
@@ -262,9 +279,9 @@ mod tests {
     #[test]
     fn only_grpc_calls_are_watched_without_consumers() {
         let (shared, metrics) = shared(None);
-        assert!(!shared.want(&ctx(&metrics, false)));
-        assert!(shared.want(&ctx(&metrics, true)));
+        assert!(!shared.want(&ctx(&metrics, false), &None));
+        assert!(shared.want(&ctx(&metrics, true), &None));
         let (shared, metrics) = super::tests::shared(Some(Default::default()));
-        assert!(shared.want(&ctx(&metrics, false)));
+        assert!(shared.want(&ctx(&metrics, false), &None));
     }
 }

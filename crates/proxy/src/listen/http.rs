@@ -4,6 +4,7 @@
 
 use crate::balance::Balancer;
 use crate::dispatch::Dispatch;
+use crate::filter::{Filters, ReceivedHead, RequestFilters};
 use crate::http::body::{Body, BodyError, ClientBody};
 use crate::http::errors::{Failure, ProxyError};
 use crate::http::headers::{authority, grpc_timeout, is_grpc, strip_hop_by_hop, tunnelled_upgrade};
@@ -12,6 +13,7 @@ use crate::resilience::ratelimit::RateLimits;
 use crate::route::rule::Rule;
 use crate::tcp;
 use crate::telemetry::event::{ConnectionEvent, ConnectionKind, RequestCtx};
+use crate::telemetry::window::Sample;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
@@ -77,6 +79,8 @@ impl HttpProxy {
     /// (`Incoming`), or an embedded caller's ([`ClientBody`]), the same stages for both.
     pub async fn handle<B: Into<ClientBody>>(self, mut req: Request<B>) -> Result<Response<Body>, Infallible> {
         let mut ctx = RequestCtx::new(self.direction, self.client, self.peer.clone());
+        // The snapshot's filters (tracing), taken where routing reads the snapshot anyway.
+        let mut configured: Option<Filters> = None;
         let mut resp = 'stages: {
             macro_rules! next {
                 ($stage:expr) => {
@@ -89,9 +93,9 @@ impl HttpProxy {
             next!(self.read_head(&mut ctx, &mut req));
             let (rule, inbound_limit) = match &self.target {
                 Target::Inbound(rule) | Target::Local(rule, _) => {
-                    (rule.clone(), next!(self.admit(&mut ctx, &req, rule)))
+                    (rule.clone(), next!(self.admit(&mut ctx, &req, rule, &mut configured)))
                 }
-                _ => match next!(self.route(&mut ctx, &req)) {
+                _ => match next!(self.route(&mut ctx, &req, &mut configured)) {
                     Routed::Rule(rule) => (rule, None),
                     // Rare and with a large future: boxed, it does not weigh on every request's.
                     Routed::Tunnel(balancer) => {
@@ -106,7 +110,8 @@ impl HttpProxy {
                 .into_iter()
                 .flatten()
                 .min();
-            let (mut parts, body, client_upgrade) = next!(self.request_filters(&mut ctx, req, &rule));
+            let filters = RequestFilters::new(&self.shared.filters, &configured);
+            let (mut parts, body, client_upgrade) = next!(self.request_filters(&mut ctx, req, &rule, filters));
             if let Some(filters) = &rule.filters {
                 // The route's filters: a redirect or an injected fault answers here.
                 if let Some(answer) = Box::pin(filters.on_request(&mut parts)).await {
@@ -120,7 +125,7 @@ impl HttpProxy {
                     let detail = format!("the application failed: {e}");
                     Failure::said(ProxyError::UpstreamFailed, detail)
                 }),
-                _ => self.dispatch(&rule).send(&mut ctx, parts, body, upgrade).await,
+                _ => self.dispatch(&rule, filters).send(&mut ctx, parts, body, upgrade).await,
             };
             let mut resp = match sent {
                 Ok(resp) => resp,
@@ -129,10 +134,18 @@ impl HttpProxy {
             self.response_filters(&mut ctx, &mut resp, &rule, client_upgrade);
             resp
         };
-        self.finish(&ctx, &mut resp);
+        self.finish(
+            &mut ctx,
+            &mut resp,
+            RequestFilters::new(&self.shared.filters, &configured),
+        );
         // Moved only when a consumer takes the event (most requests: none).
-        if self.shared.want(&ctx) {
-            resp = crate::listen::complete::watch(ctx, resp, &self.shared);
+        if self.shared.want(&ctx, &configured) {
+            resp = crate::listen::complete::watch(ctx, resp, &self.shared, configured);
+        } else if let Some(stats) = &self.shared.stats {
+            // Nobody watches the body: the window takes the request as its head leaves.
+            let announced = http_body::Body::size_hint(resp.body()).exact();
+            stats.record(&Sample::at_head(&ctx, resp.status().as_u16(), announced));
         }
         Ok(resp)
     }
@@ -148,10 +161,18 @@ impl HttpProxy {
 
     /// Inbound: authorization with the verified peer identity; on success, this proxy's share
     /// of its Service's BackendPolicy `rateLimit`.
-    fn admit<B>(&self, ctx: &mut RequestCtx, req: &Request<B>, rule: &Rule) -> Stage<Option<Arc<RateLimits>>> {
+    fn admit<B>(
+        &self,
+        ctx: &mut RequestCtx,
+        req: &Request<B>,
+        rule: &Rule,
+        configured: &mut Option<Filters>,
+    ) -> Stage<Option<Arc<RateLimits>>> {
         use crate::config::authz::{decide_inbound, Decision};
         rule.metrics.inbound_tls(self.peer.is_some());
         let snapshot = self.shared.config.load();
+        configured.clone_from(&snapshot.filters);
+        self.received(ctx, req, configured);
         let (peer, method, path) = (self.peer.as_deref(), Some(req.method()), Some(req.uri().path()));
         match decide_inbound(&snapshot, &self.shared.metrics, rule, peer, method, path) {
             None | Some(Decision::Allow(_)) => Ok(snapshot.inbound_limit.clone()),
@@ -165,8 +186,10 @@ impl HttpProxy {
     }
 
     /// Outbound: the Service (by authority, or the listener's), then its matching rule.
-    fn route<B>(&self, ctx: &mut RequestCtx, req: &Request<B>) -> Stage<Routed> {
+    fn route<B>(&self, ctx: &mut RequestCtx, req: &Request<B>, configured: &mut Option<Filters>) -> Stage<Routed> {
         let snapshot = self.shared.config.load();
+        configured.clone_from(&snapshot.filters);
+        self.received(ctx, req, configured);
         let service = match &self.target {
             Target::Upstream(name) => snapshot.service(name),
             _ => authority(req).and_then(|a| snapshot.service_for_host(a)),
@@ -185,6 +208,14 @@ impl HttpProxy {
                 let detail = format!("{} {}", req.method(), req.uri().path());
                 Err(self.fail(ctx, Failure::said(ProxyError::NoRoute, detail)))
             }
+        }
+    }
+
+    /// The filters' first look at the request, once the snapshot (and its filters) is read.
+    fn received<B>(&self, ctx: &mut RequestCtx, req: &Request<B>, configured: &Option<Filters>) {
+        let head = ReceivedHead::of(req);
+        for filter in RequestFilters::new(&self.shared.filters, configured).iter() {
+            filter.request_received(ctx, &head);
         }
     }
 
@@ -216,6 +247,7 @@ impl HttpProxy {
         ctx: &mut RequestCtx,
         mut req: Request<B>,
         rule: &Rule,
+        filters: RequestFilters<'_>,
     ) -> Stage<(Parts, B, ClientUpgrade)> {
         let upgrade = tunnelled_upgrade(&req, &rule.upgrades, self.peer.is_some()).cloned();
         let client_upgrade = upgrade.map(|protocol| (hyper::upgrade::on(&mut req), protocol));
@@ -227,7 +259,7 @@ impl HttpProxy {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol.clone());
         }
-        for filter in self.shared.filters.iter().flat_map(|f| f.iter()) {
+        for filter in filters.iter() {
             if let Some(resp) = filter.request_head(ctx, &mut parts) {
                 return Err(resp);
             }
@@ -236,14 +268,14 @@ impl HttpProxy {
     }
 
     /// The tries (see [`Dispatch`]), with this proxy's settings and identity.
-    fn dispatch<'a>(&'a self, rule: &'a Rule) -> Dispatch<'a> {
+    fn dispatch<'a>(&'a self, rule: &'a Rule, filters: RequestFilters<'a>) -> Dispatch<'a> {
         Dispatch {
             rule,
             connect_timeout: self.shared.limits.connect_timeout,
             max_retry_body_bytes: self.shared.limits.max_retry_body_bytes,
             mesh_tls: self.shared.tls.load_full(),
             metrics: &self.shared.metrics,
-            filters: self.shared.filters.as_deref().unwrap_or_default(),
+            filters,
         }
     }
 
@@ -285,12 +317,12 @@ impl HttpProxy {
 
     /// Counts the response and runs the filters' response phase; the caller then hands it to
     /// [`crate::listen::complete::watch`], which completes the request's event.
-    fn finish(&self, ctx: &RequestCtx, resp: &mut Response<Body>) {
+    fn finish(&self, ctx: &mut RequestCtx, resp: &mut Response<Body>, filters: RequestFilters<'_>) {
         if let Some(route) = &ctx.route {
             route.response(resp.status().as_u16());
             route.duration.observe(ctx.start.elapsed().as_secs_f64());
         }
-        for filter in self.shared.filters.iter().flat_map(|f| f.iter()) {
+        for filter in filters.iter() {
             filter.response_head(ctx, resp);
         }
     }

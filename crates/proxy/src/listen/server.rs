@@ -1,7 +1,7 @@
 //! One connection, from accept to close: mesh TLS or plaintext, protocol detection, then HTTP
 //! (hyper) or opaque TCP. Also what every connection shares ([`Shared`]) and what a listener
-//! is ([`ListenerSpec`]). Connections run on the worker that accepted them (DESIGN.md section
-//! 3; see [`crate::app::workers`]).
+//! is ([`ListenerSpec`]). Connections run on the worker that accepted them (docs/architecture.md,
+//! "Workers"; see [`crate::app::workers`]).
 
 use crate::balance::Balancer;
 use crate::config::snapshot::Snapshot;
@@ -16,6 +16,7 @@ use crate::shutdown::stopped;
 use crate::tcp;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::window::Stats;
 use arc_swap::ArcSwap;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -65,6 +66,9 @@ const KICKED_DRAIN: Duration = Duration::from_secs(1);
 
 impl crate::telemetry::event::ConnectionSink for Shared {
     fn connection_done(&self, event: &crate::telemetry::event::ConnectionEvent) {
+        if let Some(stats) = &self.stats {
+            stats.record_connection(event);
+        }
         if let Some(log) = &self.access_log {
             log.record_connection(event);
         }
@@ -90,6 +94,8 @@ pub struct Shared {
     pub resets: Arc<ResetLimiter>,
     /// Every identity this proxy serves mesh TLS for, chosen by the name the client sent.
     pub identities: Arc<Identities>,
+    /// The golden-metric window, when a control plane collects it.
+    pub stats: Option<Arc<Stats>>,
 }
 
 pub struct ListenerSpec {

@@ -19,6 +19,8 @@ pub struct WeightedBackend {
     pub protocol: Option<smesh_model::Protocol>,
     /// The target Service's BackendPolicy (circuit breaker, outlier detection, budget).
     pub policy: Option<Arc<crate::resilience::policy::ServicePolicy>>,
+    /// `api{version=v2}` when the route picked a label subset: named when it has no endpoint.
+    pub subset: Option<Arc<str>>,
 }
 
 pub struct RetryPolicy {

@@ -8,6 +8,7 @@
 //! bytes.
 
 use crate::telemetry::metrics::RouteMetrics;
+use crate::telemetry::trace_context::{TraceContext, TryOutcome};
 use http::{Method, Uri, Version};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +39,8 @@ pub struct RequestCtx {
     pub endpoint: Option<SocketAddr>,
     /// Why the proxy answered itself (an error's reason, e.g. `connect_failed`), if it did.
     pub error: Option<&'static str>,
+    /// The request's trace ids and its tries' spans, only when tracing is on.
+    pub trace: Option<Box<TraceContext>>,
 }
 
 /// The request line as the client sent it.
@@ -64,6 +67,15 @@ impl RequestCtx {
             tries: 0,
             endpoint: None,
             error: None,
+            trace: None,
+        }
+    }
+
+    /// The last try ended: noted only when the request is traced (else `outcome` is not
+    /// even worked out).
+    pub fn try_ended(&mut self, outcome: impl FnOnce() -> TryOutcome) {
+        if let Some(trace) = &mut self.trace {
+            trace.end_try(outcome());
         }
     }
 

@@ -27,6 +27,12 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
     pub access_log_dropped: IntCounter,
+    /// Spans sent to the trace collector, and spans lost (`queue_full`, `export_failed`).
+    pub trace_spans_exported: IntCounter,
+    pub trace_spans_dropped: IntCounterVec,
+    /// Traced requests by whether they continued their caller's trace (an app that does
+    /// not pass `traceparent` on starts a new trace with each outbound call).
+    pub trace_requests: IntCounterVec,
     pub connections_refused: IntCounterVec,
     pub connections_active: IntGauge,
     pub resilience: ResilienceMetrics,
@@ -72,6 +78,13 @@ impl Metrics {
             "smesh_identity_cert_expiry_timestamp_seconds",
             "When this proxy's current certificate expires (Unix time; 0: no identity).",
         );
+        let trace_spans_exported = IntCounter::new(
+            "smesh_trace_spans_exported_total",
+            "Spans the trace collector accepted.",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(trace_spans_exported.clone()))
+            .expect("metric registered once");
         let access_log_dropped = IntCounter::new(
             "smesh_access_log_dropped_total",
             "Access log lines dropped because the log buffer was full.",
@@ -106,6 +119,19 @@ impl Metrics {
                 &r,
                 "smesh_retries_skipped_total",
                 "Retries a policy asked for but that were not made.",
+                &["reason"],
+            ),
+            trace_spans_exported,
+            trace_requests: counter(
+                &r,
+                "smesh_trace_requests_total",
+                "Traced requests; trace=started: the request came without a valid traceparent.",
+                &["direction", "trace"],
+            ),
+            trace_spans_dropped: counter(
+                &r,
+                "smesh_trace_spans_dropped_total",
+                "Spans kept for export but lost: the export queue was full, or the collector failed.",
                 &["reason"],
             ),
             proxy_errors: counter(
@@ -258,6 +284,11 @@ impl RouteMetrics {
                     .with_label_values(&[&self.labels[1], tls])
             })
             .inc();
+    }
+
+    /// The route's Service.
+    pub fn service_name(&self) -> &str {
+        &self.labels[1]
     }
 
     /// The route's name.
