@@ -69,3 +69,44 @@ def test_smesh_up_demo_answers_through_the_mesh_and_ctrl_c_stops_everything(run,
             assert s.connect_ex(("127.0.0.1", base + off)) != 0, f"port {base + off} still open"
         finally:
             s.close()
+
+
+@pytest.mark.timeout(120)
+def test_smesh_up_library_mode_runs_web_with_the_mesh_linked_in(run, tmp_path):
+    """Issue 18, acceptance 4: `smesh up --library` runs web with the `smesh` library instead
+    of a proxy: it answers on web's port, calls api through the mesh (mTLS, the canary
+    split), and is listed with the proxies and registered with its SPIFFE ID."""
+    base = _free_base()
+    up = run.spawn([SMESH_BIN, "up", "--port", base, "--data", tmp_path / "data", "--no-load", "--library"], "up")
+    wait_until(lambda: "demo mesh is up" in up.stdout() or up.poll() is not None, 60, interval=0.1,
+               what="smesh up banner")
+    assert up.poll() is None, f"smesh up exited: {up.stderr()[-3000:]}"
+    children = _children(up.pid)
+    # control plane, four demo apps, three proxies (none for web)
+    assert len(children) == 8, children
+
+    versions = set()
+    for i in range(30):
+        r = http_request(base, f"/hello/{i}", host="web")
+        assert r.status == 200, r
+        text = r.body.decode()
+        assert f"web v1 answered GET /hello/{i}" in text and "echo: hello from api" in text, text
+        versions.update(v for v in ("api v1", "api v2") if v in text)
+    assert versions == {"api v1", "api v2"}, versions
+
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMESH_")}
+    env.update(SMESH_CONTROL=f"https://127.0.0.1:{base + 40}", SMESH_TOKEN_FILE=str(data / "admin-token"),
+               SMESH_CONTROL_CA=str(data / "ca.pem"))
+    proxies = subprocess.run([SMESH_BIN, "get", "proxies"], capture_output=True, text=True, timeout=30, env=env,
+                             cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert proxies.returncode == 0, proxies.stderr
+    assert sum(1 for line in proxies.stdout.splitlines()[1:] if line.strip()) == 4, proxies.stdout
+    endpoints = subprocess.run([SMESH_BIN, "get", "endpoints", "web", "-o", "json"], capture_output=True,
+                               text=True, timeout=30, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert endpoints.returncode == 0, endpoints.stderr
+    assert "spiffe://" in endpoints.stdout and f"127.0.0.1:{base}" in endpoints.stdout, endpoints.stdout
+
+    up.signal(signal.SIGINT)
+    assert up.wait(30) == 0, up.stderr()[-3000:]
+    wait_until(lambda: not any(_alive(c) for c in children), 10, what="demo processes to exit")

@@ -1,7 +1,9 @@
 //! The demo application used by `smesh up`: answers every request with who it is, and can
 //! call another service through its proxy (HTTP by Host, or TCP through an upstream port),
 //! so routing, balancing and topology can be seen from the outside. `--tcp-echo` makes it a
-//! line echo server instead.
+//! line echo server instead. With `--mesh-control` it has the mesh linked in (the `smesh`
+//! library): it serves behind the library's inbound stages and calls through its client, no
+//! proxy either way.
 
 use bytes::Bytes;
 use clap::Args;
@@ -28,8 +30,9 @@ pub struct DemoArgs {
     /// Version label to report.
     #[arg(long, default_value = "v1")]
     version: String,
-    /// On each request, also call this service (Host header) through --via.
-    #[arg(long, requires = "via")]
+    /// On each request, also call this service (Host header) through --via, or through the
+    /// linked-in mesh with --mesh-control.
+    #[arg(long)]
     call: Option<String>,
     /// The local proxy's outbound address used for --call.
     #[arg(long)]
@@ -40,6 +43,25 @@ pub struct DemoArgs {
     /// Be a TCP line echo server instead of an HTTP service.
     #[arg(long)]
     tcp_echo: bool,
+    /// Link the mesh in: this control plane's configuration, an identity for --name from
+    /// --mesh-token-file, --listen served behind mTLS and authorization and registered.
+    #[arg(long, requires_all = ["mesh_control_ca", "mesh_token_file"], conflicts_with_all = ["via", "tcp_echo"])]
+    mesh_control: Option<String>,
+    /// The control plane's CA certificate (PEM).
+    #[arg(long)]
+    mesh_control_ca: Option<std::path::PathBuf>,
+    /// A join token for --name.
+    #[arg(long)]
+    mesh_token_file: Option<std::path::PathBuf>,
+}
+
+/// How this app reaches the service it calls.
+#[derive(Clone)]
+enum Caller {
+    /// Through its proxy's outbound port.
+    Proxy(SocketAddr),
+    /// Through the mesh linked into this process.
+    Mesh(smesh::HttpClient),
 }
 
 pub fn run(args: DemoArgs) -> Result<(), String> {
@@ -47,6 +69,12 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start runtime: {e}"))?;
+    if args.mesh_control.is_some() {
+        return runtime.block_on(run_with_mesh(args));
+    }
+    if args.call.is_some() && args.via.is_none() {
+        return Err("--call needs --via (a proxy's outbound port) or --mesh-control".into());
+    }
     runtime.block_on(async move {
         let listener = TcpListener::bind(args.listen)
             .await
@@ -62,7 +90,8 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
                         if args.tcp_echo {
                             echo(stream).await;
                         } else {
-                            let service = service_fn(move |req| answer(args.clone(), req));
+                            let caller = args.via.map(Caller::Proxy);
+                            let service = service_fn(move |req| answer(args.clone(), caller.clone(), req));
                             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
                         }
                     });
@@ -83,7 +112,35 @@ async fn echo(stream: TcpStream) {
     }
 }
 
-async fn answer(args: Arc<DemoArgs>, req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// The demo app with the mesh linked in: registered as --name at --listen, served and
+/// calling through the mesh, until Ctrl-C or SIGTERM.
+async fn run_with_mesh(args: DemoArgs) -> Result<(), String> {
+    let listener =
+        std::net::TcpListener::bind(args.listen).map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let mut builder = smesh::Mesh::builder().service(&args.name).advertise(args.listen);
+    if let (Some(url), Some(ca), Some(token)) = (&args.mesh_control, &args.mesh_control_ca, &args.mesh_token_file) {
+        builder = builder.control(url).control_ca(ca).token_file(token);
+    }
+    let mesh = builder.connect().await.map_err(|e| e.to_string())?;
+    let args = Arc::new(args);
+    let caller = Some(Caller::Mesh(mesh.http_client()));
+    let app = tower::service_fn(move |req| answer(args.clone(), caller.clone(), req));
+    mesh.serve(listener, app).map_err(|e| e.to_string())?;
+    tracing::info!(identity = ?mesh.spiffe_id(), "demo app ready, with the mesh linked in");
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+async fn answer<B>(
+    args: Arc<DemoArgs>,
+    caller: Option<Caller>,
+    req: Request<B>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let mut body = format!(
         "{} {} answered {} {}\n",
         args.name,
@@ -91,8 +148,8 @@ async fn answer(args: Arc<DemoArgs>, req: Request<hyper::body::Incoming>) -> Res
         req.method(),
         req.uri().path()
     );
-    if let (Some(host), Some(via)) = (&args.call, args.via) {
-        let reply = match call_http(via, host, req.uri().path()).await {
+    if let (Some(host), Some(caller)) = (&args.call, caller) {
+        let reply = match call_http(caller, host, req.uri().path()).await {
             Ok(text) => text,
             Err(e) => format!("call to {host} failed: {e}\n"),
         };
@@ -112,7 +169,11 @@ async fn answer(args: Arc<DemoArgs>, req: Request<hyper::body::Incoming>) -> Res
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
 }
 
-async fn call_http(via: SocketAddr, host: &str, path: &str) -> Result<String, String> {
+async fn call_http(caller: Caller, host: &str, path: &str) -> Result<String, String> {
+    let via = match caller {
+        Caller::Proxy(via) => via,
+        Caller::Mesh(client) => return call_mesh(client, host, path).await,
+    };
     let work = async {
         let stream = TcpStream::connect(via).await.map_err(|e| e.to_string())?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -125,6 +186,21 @@ async fn call_http(via: SocketAddr, host: &str, path: &str) -> Result<String, St
             .body(Full::new(Bytes::new()))
             .map_err(|e| e.to_string())?;
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(String::from_utf8_lossy(&bytes).to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+async fn call_mesh(client: smesh::HttpClient, host: &str, path: &str) -> Result<String, String> {
+    let work = async {
+        let req = Request::builder()
+            .uri(format!("http://{host}{path}"))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let resp = client.request(req).await.map_err(|e| e.to_string())?;
         let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
         Ok(String::from_utf8_lossy(&bytes).to_string())
     };

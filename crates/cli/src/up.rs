@@ -1,6 +1,8 @@
 //! `smesh up`: the demo mesh on this machine. A control plane on its embedded store, three
 //! services (`web` calling `api`, which runs as v1 and v2 and calls the TCP service `db`),
-//! each behind its own `smesh proxy`, and a gentle load. Ctrl-C stops all of it.
+//! each behind its own `smesh proxy`, and a gentle load. Ctrl-C stops all of it. With
+//! `--library`, web has the mesh linked in instead of a proxy (the `smesh` library), on
+//! web's proxy's port.
 
 mod banner;
 mod children;
@@ -36,6 +38,9 @@ pub struct UpArgs {
     /// policies, CA, tokens, logs) first.
     #[arg(long)]
     reset: bool,
+    /// Run web in library mode: the mesh linked into it (no proxy), serving on BASE.
+    #[arg(long)]
+    library: bool,
 }
 
 /// One plain HTTP/1.1 GET: the response (head and body) on 200, else why not.
@@ -125,7 +130,11 @@ pub fn run(args: UpArgs) -> Result<(), String> {
     }
     let kept_state = state::has_state(&data);
     let mut children = Children::new();
-    let outcome = start_and_serve(&mut children, &exe, &data, &layout, kept_state, !args.no_load);
+    let mode = Mode {
+        load: !args.no_load,
+        library: args.library,
+    };
+    let outcome = start_and_serve(&mut children, &exe, &data, &layout, kept_state, mode);
     // Said before the others are stopped (that takes a moment): the cause comes first.
     if let Err(e) = &outcome {
         eprintln!("error: {e}");
@@ -141,6 +150,13 @@ pub fn run(args: UpArgs) -> Result<(), String> {
     }
 }
 
+/// What runs besides the demo's processes: the trickle of requests, web's linked-in mesh.
+#[derive(Clone, Copy)]
+struct Mode {
+    load: bool,
+    library: bool,
+}
+
 /// Starts the demo's processes into `children` and runs until a signal (Ok) or a failure.
 fn start_and_serve(
     children: &mut Children,
@@ -148,7 +164,7 @@ fn start_and_serve(
     data: &Path,
     layout: &Layout,
     kept_state: bool,
-    load: bool,
+    Mode { load, library }: Mode,
 ) -> Result<(), String> {
     let Layout {
         control: control_addr,
@@ -236,8 +252,28 @@ fn start_and_serve(
         &app("api", "v2", &api_v2, &[s("--call-tcp"), db_via_v2.to_string()]),
         &logs,
     )?;
-    let web_extra = [s("--call"), s("api"), s("--via"), web.outbound.to_string()];
-    children.spawn(exe, "web", &app("web", "v1", &web, &web_extra), &logs)?;
+    if library {
+        // web serves on its proxy's port itself, and calls api through the linked-in mesh.
+        let token = join_token(exe, &remote, "web", &logs.join("web.token"))?;
+        let linked = Proxy {
+            app: web.outbound,
+            ..web
+        };
+        let web_extra = [
+            s("--call"),
+            s("api"),
+            s("--mesh-control"),
+            control_url.clone(),
+            s("--mesh-control-ca"),
+            control_ca.display().to_string(),
+            s("--mesh-token-file"),
+            token.display().to_string(),
+        ];
+        children.spawn(exe, "web", &app("web", "v1", &linked, &web_extra), &logs)?;
+    } else {
+        let web_extra = [s("--call"), s("api"), s("--via"), web.outbound.to_string()];
+        children.spawn(exe, "web", &app("web", "v1", &web, &web_extra), &logs)?;
+    }
 
     let proxy_args = |service: &str, version: &str, p: &Proxy, upstream: Option<SocketAddr>| {
         let mut a = vec![
@@ -273,6 +309,11 @@ fn start_and_serve(
         ("proxy-api-v2", "api", "v2", &api_v2, Some(db_via_v2)),
         ("proxy-db", "db", "v1", &db, None),
     ];
+    // In library mode web has no proxy.
+    let proxies: Vec<_> = proxies
+        .into_iter()
+        .filter(|(name, ..)| !(library && *name == "proxy-web"))
+        .collect();
     eprintln!("starting a proxy for each app, each with its own identity ...");
     for (name, service, version, p, upstream) in &proxies {
         let token = join_token(exe, &remote, service, &logs.join(format!("{name}.token")))?;
@@ -298,12 +339,15 @@ fn start_and_serve(
         }
     })
     .map_err(|e| {
-        let admins = [
+        let admins: Vec<_> = [
             ("proxy-web", web.admin),
             ("proxy-api-v1", api_v1.admin),
             ("proxy-api-v2", api_v2.admin),
             ("proxy-db", db.admin),
-        ];
+        ]
+        .into_iter()
+        .filter(|(name, _)| !(library && *name == "proxy-web"))
+        .collect();
         state::not_ready_hint(e, kept_state, &kept, &admins)
     })?;
     let found_at = crate::endpoint::write(
@@ -315,7 +359,12 @@ fn start_and_serve(
         },
         data,
     )?;
-    banner::print_banner(data, control_addr, &web, &remote, &logs, exe, &found_at);
+    let web_banner = if library {
+        banner::Web::Library(web.outbound)
+    } else {
+        banner::Web::Proxied(&web)
+    };
+    banner::print_banner(data, control_addr, web_banner, &remote, &logs, exe, &found_at);
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = load.then(|| {

@@ -27,14 +27,13 @@
 use crate::http::body::Body;
 use crate::telemetry::event::{ConnectionEvent, RequestCtx, RequestEvent};
 use http::request::Parts;
-use http::{Request, Response};
-use hyper::body::Incoming;
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use std::sync::Arc;
 
 pub trait Filter: Send + Sync + 'static {
     /// The request as it arrived, before routing, authorization and rate limits (which may
     /// answer it: then `request_done` follows at once). Reads only.
-    fn request_received(&self, _ctx: &mut RequestCtx, _req: &Request<Incoming>) {}
+    fn request_received(&self, _ctx: &mut RequestCtx, _head: &ReceivedHead<'_>) {}
 
     /// The request head after routing; `Some` answers the request with that response
     /// instead of sending it upstream. May note what later phases need in `ctx`.
@@ -53,6 +52,32 @@ pub trait Filter: Send + Sync + 'static {
 
     /// An opaque connection closed.
     fn connection_done(&self, _event: &ConnectionEvent) {}
+}
+
+/// A request's head as it arrived, whatever its body (a server connection's, or an embedded
+/// caller's): what [`Filter::request_received`] reads.
+#[derive(Clone, Copy, Debug)]
+pub struct ReceivedHead<'a> {
+    /// The request line's method,
+    pub method: &'a Method,
+    /// target (as sent: origin or absolute form),
+    pub uri: &'a Uri,
+    /// and HTTP version.
+    pub version: Version,
+    /// The headers as they arrived, hop-by-hop ones still in.
+    pub headers: &'a HeaderMap,
+}
+
+impl<'a> ReceivedHead<'a> {
+    /// The head of `req`.
+    pub fn of<B>(req: &'a Request<B>) -> Self {
+        ReceivedHead {
+            method: req.method(),
+            uri: req.uri(),
+            version: req.version(),
+            headers: req.headers(),
+        }
+    }
 }
 
 /// The filters a proxy runs, in order. Empty by default: then no request pays for them.

@@ -26,6 +26,8 @@
 //! One folder per concern, layered so that no two folders import each other
 //! (`scripts/check-imports crates/proxy/src folders`, run by `scripts/test`), highest first:
 //!
+//! - [`embed`]: the mesh embedded in a program (the `smesh` library crate's one way in):
+//!   the sidecar's snapshot source, identity and outbound stages without listeners.
 //! - [`app`]: the deployment modes, wiring only: the workers (threads, runtimes, sockets,
 //!   drain) apart from any mode, a [`app::workload::Workload`] (an app fronted inbound), the
 //!   sidecar (`smesh proxy`, [`run`]: one workload); and what runs beside the listeners: the
@@ -57,6 +59,7 @@ pub mod app;
 pub mod balance;
 pub mod config;
 pub mod dispatch;
+pub mod embed;
 pub mod filter;
 #[cfg(test)]
 mod fuzz_tests;

@@ -5,22 +5,62 @@ use super::setup::Remote;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+/// How web is reached: through its proxy, or (`--library`) on its own port with the mesh
+/// linked in.
+pub enum Web<'a> {
+    Proxied(&'a Proxy),
+    Library(SocketAddr),
+}
+
 pub fn print_banner(
     data: &Path,
     control: SocketAddr,
-    web: &Proxy,
+    web: Web,
     remote: &Remote,
     logs: &Path,
     exe: &Path,
     found_at: &[PathBuf],
 ) {
-    let web_out = web.outbound;
     // The commands below must work as printed: the binary by its full path unless PATH has it.
     let smesh = if on_path(exe) {
         "smesh".to_string()
     } else {
         exe.display().to_string()
     };
+    let found = found_at
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let web = match web {
+        Web::Proxied(web) => web,
+        Web::Library(web_out) => {
+            println!(
+                r#"
+smesh demo mesh is up, web in library mode (the mesh linked in, no proxy).
+  control plane    https://{control}   (state, admin token and CA certificate in {data})
+  web              http://{web_out}   (its own port: mTLS, authorization and metrics in process)
+  logs             {logs}/
+  smesh binary     {exe}
+
+Try:
+  curl http://{web_out}/hello          # web -> api (80% v1, 20% v2) -> db (TCP), all on mTLS
+  {smesh} get proxies; {smesh} get endpoints web
+
+The CLI finds this demo by itself while it runs (from {found}).
+For another shell or machine: export SMESH_CONTROL=https://{control} SMESH_TOKEN_FILE={token} SMESH_CONTROL_CA={ca}
+
+Ctrl-C stops everything."#,
+                data = data.display(),
+                token = remote.token_file.display(),
+                ca = remote.ca.display(),
+                logs = logs.display(),
+                exe = exe.display(),
+            );
+            return;
+        }
+    };
+    let web_out = web.outbound;
     println!(
         r#"
 smesh demo mesh is up.
@@ -47,11 +87,6 @@ Ctrl-C stops everything."#,
         ca = remote.ca.display(),
         logs = logs.display(),
         exe = exe.display(),
-        found = found_at
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(" or "),
     );
 }
 

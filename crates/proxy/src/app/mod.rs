@@ -6,5 +6,6 @@ pub mod admin;
 pub mod health;
 pub mod options;
 pub mod sidecar;
+pub mod source;
 pub mod workers;
 pub mod workload;

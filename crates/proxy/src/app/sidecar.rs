@@ -5,15 +5,12 @@
 use crate::app::admin::Admin;
 use crate::app::health::HealthChecks;
 use crate::app::options::ProxyOptions;
+use crate::app::source::{control_trust, first_snapshot, Source};
 use crate::app::workers::{Listener, Workers};
 use crate::app::workload::Workload;
-use crate::config::control::ControlClient;
-use crate::config::reload::{self, ConfigFile};
-use crate::config::snapshot::Snapshot;
 use crate::http::resets::ResetLimiter;
-use crate::identity::control_tls::{ControlTrust, ControlUrl};
 use crate::identity::table::Identities;
-use crate::identity::{IdentityAgent, TlsHandle};
+use crate::identity::TlsHandle;
 use crate::listen::accept::bind_first;
 use crate::listen::http::Target;
 use crate::listen::server::{ListenerSpec, Shared};
@@ -105,48 +102,20 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
             connect_timeout: options.limits.connect_timeout,
         };
         let health_task = tokio::spawn(health.run(stop_rx.clone()));
-        let config_task = match &options.config {
-            Some(path) => {
-                let watcher = ConfigFile {
-                    path: path.clone(),
-                    config: config.clone(),
-                    metrics: metrics.clone(),
-                };
-                tokio::spawn(watcher.watch(stop_rx.clone()))
-            }
-            None => {
-                // The identity first, so the endpoint is announced with it.
-                let renewals = match identity {
-                    Some(identity) => {
-                        let agent = IdentityAgent {
-                            urls: options.control.clone(),
-                            trust: control_trust.clone(),
-                            identity,
-                            identities: identities.clone(),
-                            join_token: options.join_token.clone(),
-                            metrics: metrics.clone(),
-                        };
-                        agent.start(stop_rx.clone()).await
-                    }
-                    None => None,
-                };
-                drop(renewals);
-                let spiffe_id = tls.load().as_ref().map(|t| t.spiffe_id.clone()).unwrap_or_default();
-                let client = ControlClient {
-                    urls: options.control.clone(),
-                    trust: control_trust.clone(),
-                    identity: tls.clone(),
-                    identities: identities.clone(),
-                    hello: hello(&options, workload.as_ref(), spiffe_id),
-                    config: config.clone(),
-                    metrics: metrics.clone(),
-                    configured: configured.clone(),
-                    max_config_bytes: options.max_config_bytes,
-                    stats: stats.clone(),
-                };
-                tokio::spawn(client.run(stop_rx.clone()))
-            }
+        let source = Source {
+            options: &options,
+            workload: workload.as_ref(),
+            config: config.clone(),
+            metrics: metrics.clone(),
+            trust: control_trust.clone(),
+            identities: identities.clone(),
+            identity,
+            tls: tls.clone(),
+            configured: configured.clone(),
+            admin_address: options.admin.to_string(),
+            stats: stats.clone(),
         };
+        let config_task = source.start(stop_rx.clone()).await;
         for (name, addr) in &addresses {
             tracing::info!(listener = %name, %addr, "listening");
         }
@@ -168,55 +137,6 @@ pub fn run(options: ProxyOptions) -> Result<(), String> {
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// The snapshot served from the start: the configuration file's, or an empty one until the
-/// control plane sends the first. A proxy in front of an app enforces its Service's
-/// BackendPolicy `rateLimit` inbound.
-fn first_snapshot(
-    options: &ProxyOptions,
-    workload: Option<&Workload>,
-    metrics: &Arc<Metrics>,
-) -> Result<Snapshot, String> {
-    let mut empty = Snapshot::serving(workload.and_then(Workload::limited_service));
-    empty.workload = options.service.as_deref().map(std::sync::Arc::from);
-    match (&options.config, options.control.is_empty()) {
-        (Some(path), true) => {
-            let items = reload::load(path)?;
-            let snapshot = Snapshot::build(&items, &empty, metrics, "outbound");
-            metrics.config_generation.set(snapshot.generation as i64);
-            metrics.config_reloads.with_label_values(&["ok"]).inc();
-            for (name, _) in &options.upstreams {
-                if snapshot.service(name).is_none() {
-                    return Err(format!(
-                        "--upstream {name}=...: no Service named {name:?} in {}",
-                        path.display()
-                    ));
-                }
-            }
-            Ok(snapshot)
-        }
-        (None, false) => Ok(empty),
-        (Some(_), false) => Err("give either --config FILE or --control URL, not both".into()),
-        (None, true) => Err("give --config FILE (static configuration) or --control URL (a control plane)".into()),
-    }
-}
-
-/// The CA an `https://` control plane is checked against; required when one is given.
-fn control_trust(options: &ProxyOptions) -> Result<Option<ControlTrust>, String> {
-    let trust = match &options.control_ca {
-        Some(path) => Some(ControlTrust::load(path).map_err(|e| format!("--control-ca: {e}"))?),
-        None => None,
-    };
-    for url in &options.control {
-        let parsed = ControlUrl::parse(url).map_err(|e| format!("--control: {e}"))?;
-        if parsed.tls && trust.is_none() {
-            return Err(format!(
-                "--control {url}: an https:// control plane needs --control-ca FILE (its CA, e.g. the control plane's DIR/ca.pem)"
-            ));
-        }
-    }
-    Ok(trust)
 }
 
 /// Outbound (by Host), the workload's inbound, and one port per `--upstream`.
@@ -243,22 +163,4 @@ fn listeners(options: &ProxyOptions, workload: Option<&Workload>, metrics: &Arc<
         });
     }
     listeners
-}
-
-/// What this proxy tells the control plane about itself: its workload's endpoint, if any.
-fn hello(options: &ProxyOptions, workload: Option<&Workload>, identity: String) -> smesh_api::v1::Hello {
-    let service = options.service.clone().unwrap_or_default();
-    let name = if service.is_empty() {
-        "proxy".to_string()
-    } else {
-        service
-    };
-    smesh_api::v1::Hello {
-        proxy_id: format!("{name}-{}-{:08x}", std::process::id(), rand::random::<u32>()),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        endpoint: workload.and_then(|w| w.endpoint(identity)),
-        lease_ttl_ms: options.lease_ttl.map_or(0, |d| d.as_millis() as u64),
-        applied_version: 0,
-        admin_address: options.admin.to_string(),
-    }
 }

@@ -4,8 +4,8 @@
 
 use crate::balance::Balancer;
 use crate::dispatch::Dispatch;
-use crate::filter::{Filters, RequestFilters};
-use crate::http::body::Body;
+use crate::filter::{Filters, ReceivedHead, RequestFilters};
+use crate::http::body::{Body, BodyError, ClientBody};
 use crate::http::errors::{Failure, ProxyError};
 use crate::http::headers::{authority, grpc_timeout, is_grpc, strip_hop_by_hop, tunnelled_upgrade};
 use crate::listen::server::Shared;
@@ -17,7 +17,6 @@ use crate::telemetry::window::Sample;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -32,7 +31,19 @@ pub enum Target {
     Upstream(Arc<str>),
     /// To the local application.
     Inbound(Arc<Rule>),
+    /// To an application in this process (the embedded mesh's inbound side): the stages of
+    /// `Inbound` (the rule: its Service, for authorization and metrics), then a call.
+    Local(Arc<Rule>, Arc<dyn LocalApp>),
 }
+
+/// An application in this process, called with each request an inbound listener admitted.
+pub trait LocalApp: Send + Sync {
+    /// Its answer; an error is the proxy's `502 upstream failed`.
+    fn call(&self, req: Request<ClientBody>) -> LocalFuture;
+}
+
+/// What a [`LocalApp`] call gives back.
+pub type LocalFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, BodyError>> + Send>>;
 
 #[derive(Clone)]
 pub struct HttpProxy {
@@ -64,8 +75,9 @@ impl HttpProxy {
     /// The request path, stage by stage; each stage either hands the request on or
     /// answers it (`next!` takes the answer to `finish`). Written out in one function, not
     /// awaited as a second one: every level of futures copies the one below it once per
-    /// request (callgrind).
-    pub async fn handle(self, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    /// request (callgrind). Generic over the request body: a server connection's
+    /// (`Incoming`), or an embedded caller's ([`ClientBody`]), the same stages for both.
+    pub async fn handle<B: Into<ClientBody>>(self, mut req: Request<B>) -> Result<Response<Body>, Infallible> {
         let mut ctx = RequestCtx::new(self.direction, self.client, self.peer.clone());
         // The snapshot's filters (tracing), taken where routing reads the snapshot anyway.
         let mut configured: Option<Filters> = None;
@@ -80,7 +92,9 @@ impl HttpProxy {
             }
             next!(self.read_head(&mut ctx, &mut req));
             let (rule, inbound_limit) = match &self.target {
-                Target::Inbound(rule) => (rule.clone(), next!(self.admit(&mut ctx, &req, rule, &mut configured))),
+                Target::Inbound(rule) | Target::Local(rule, _) => {
+                    (rule.clone(), next!(self.admit(&mut ctx, &req, rule, &mut configured)))
+                }
                 _ => match next!(self.route(&mut ctx, &req, &mut configured)) {
                     Routed::Rule(rule) => (rule, None),
                     // Rare and with a large future: boxed, it does not weigh on every request's.
@@ -105,7 +119,15 @@ impl HttpProxy {
                 }
             }
             let upgrade = client_upgrade.is_some();
-            let mut resp = match self.dispatch(&rule, filters).send(&mut ctx, parts, body, upgrade).await {
+            let sent = match &self.target {
+                // Boxed already (a trait object's future): nothing added to this one's size.
+                Target::Local(_, app) => app.call(Request::from_parts(parts, body.into())).await.map_err(|e| {
+                    let detail = format!("the application failed: {e}");
+                    Failure::said(ProxyError::UpstreamFailed, detail)
+                }),
+                _ => self.dispatch(&rule, filters).send(&mut ctx, parts, body, upgrade).await,
+            };
+            let mut resp = match sent {
                 Ok(resp) => resp,
                 Err(failure) => break 'stages self.fail(&mut ctx, failure),
             };
@@ -129,7 +151,7 @@ impl HttpProxy {
     }
 
     /// Head checks: `Host` (RFC 9112 3.2), gRPC-ness, the request line if a consumer wants it.
-    fn read_head(&self, ctx: &mut RequestCtx, req: &mut Request<Incoming>) -> Stage<()> {
+    fn read_head<B>(&self, ctx: &mut RequestCtx, req: &mut Request<B>) -> Stage<()> {
         ctx.grpc = is_grpc(req);
         if self.shared.want_head() {
             ctx.keep_head(req, authority(req));
@@ -139,10 +161,10 @@ impl HttpProxy {
 
     /// Inbound: authorization with the verified peer identity; on success, this proxy's share
     /// of its Service's BackendPolicy `rateLimit`.
-    fn admit(
+    fn admit<B>(
         &self,
         ctx: &mut RequestCtx,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         rule: &Rule,
         configured: &mut Option<Filters>,
     ) -> Stage<Option<Arc<RateLimits>>> {
@@ -164,7 +186,7 @@ impl HttpProxy {
     }
 
     /// Outbound: the Service (by authority, or the listener's), then its matching rule.
-    fn route(&self, ctx: &mut RequestCtx, req: &Request<Incoming>, configured: &mut Option<Filters>) -> Stage<Routed> {
+    fn route<B>(&self, ctx: &mut RequestCtx, req: &Request<B>, configured: &mut Option<Filters>) -> Stage<Routed> {
         let snapshot = self.shared.config.load();
         configured.clone_from(&snapshot.filters);
         self.received(ctx, req, configured);
@@ -190,17 +212,18 @@ impl HttpProxy {
     }
 
     /// The filters' first look at the request, once the snapshot (and its filters) is read.
-    fn received(&self, ctx: &mut RequestCtx, req: &Request<Incoming>, configured: &Option<Filters>) {
+    fn received<B>(&self, ctx: &mut RequestCtx, req: &Request<B>, configured: &Option<Filters>) {
+        let head = ReceivedHead::of(req);
         for filter in RequestFilters::new(&self.shared.filters, configured).iter() {
-            filter.request_received(ctx, req);
+            filter.request_received(ctx, &head);
         }
     }
 
     /// The Service's inbound limit, then the route's RateLimit filters.
-    fn rate_limit(
+    fn rate_limit<B>(
         &self,
         ctx: &mut RequestCtx,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         rule: &Rule,
         inbound: Option<&RateLimits>,
     ) -> Stage<()> {
@@ -219,13 +242,13 @@ impl HttpProxy {
 
     /// Hop-by-hop headers out, a permitted upgrade kept, then this proxy's filters
     /// (`crate::filter`).
-    fn request_filters(
+    fn request_filters<B>(
         &self,
         ctx: &mut RequestCtx,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
         rule: &Rule,
         filters: RequestFilters<'_>,
-    ) -> Stage<(Parts, Incoming, ClientUpgrade)> {
+    ) -> Stage<(Parts, B, ClientUpgrade)> {
         let upgrade = tunnelled_upgrade(&req, &rule.upgrades, self.peer.is_some()).cloned();
         let client_upgrade = upgrade.map(|protocol| (hyper::upgrade::on(&mut req), protocol));
         let (mut parts, body) = req.into_parts();
@@ -312,7 +335,7 @@ impl HttpProxy {
     }
 
     /// `CONNECT service:port`: a TCP tunnel to one of the service's endpoints.
-    async fn tunnel(&self, ctx: &mut RequestCtx, req: &mut Request<Incoming>, balancer: &Balancer) -> Response<Body> {
+    async fn tunnel<B>(&self, ctx: &mut RequestCtx, req: &mut Request<B>, balancer: &Balancer) -> Response<Body> {
         let tls = self.shared.tls.load_full();
         let service = ctx.destination.clone().unwrap_or_default();
         let timeout = self.shared.limits.connect_timeout;

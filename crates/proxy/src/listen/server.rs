@@ -153,7 +153,7 @@ impl Connection {
             other => other,
         };
         let mut prefix = prefix;
-        if matches!(self.spec.target, Target::Inbound(_)) {
+        if matches!(self.spec.target, Target::Inbound(_) | Target::Local(..)) {
             let strict = self.shared.config.load().mtls == smesh_model::MtlsMode::Strict;
             match (protocol, self.shared.identities.server()) {
                 (Detected::Tls, Some(server)) => {
@@ -322,7 +322,7 @@ impl Connection {
     /// Authorization of an opaque TCP connection to the local app (inbound only): a denied
     /// connection is closed.
     fn tcp_allowed(&self, peer: Option<&str>) -> bool {
-        let Target::Inbound(rule) = &self.spec.target else {
+        let (Target::Inbound(rule) | Target::Local(rule, _)) = &self.spec.target else {
             return true;
         };
         let snapshot = self.shared.config.load();
@@ -335,6 +335,8 @@ impl Connection {
         use smesh_model::Protocol;
         let declared = match &self.spec.target {
             Target::Inbound(rule) => rule.backends.first().and_then(|b| b.protocol),
+            // An application in this process is called over HTTP only.
+            Target::Local(..) => Some(Protocol::Http),
             Target::Upstream(name) => self.shared.config.load().service(name).and_then(|s| s.protocol(None)),
             Target::Outbound => None,
         };
@@ -372,6 +374,11 @@ impl Connection {
                         return;
                     }
                 }
+            }
+            Target::Local(..) => {
+                // The application in this process takes HTTP calls, not byte streams.
+                self.shared.metrics.proxy_error(self.spec.direction, "no destination");
+                return;
             }
             Target::Outbound => {
                 // Without a destination (no SO_ORIGINAL_DST yet) opaque TCP cannot be routed.

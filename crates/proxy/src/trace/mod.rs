@@ -9,7 +9,7 @@ pub mod export;
 pub mod sample;
 pub mod spans;
 
-use crate::filter::Filter;
+use crate::filter::{Filter, ReceivedHead};
 use crate::http::body::Body;
 use crate::route::fault::FAULT_HEADER;
 use crate::telemetry::event::{RequestCtx, RequestEvent, RequestHead};
@@ -18,7 +18,6 @@ use crate::telemetry::trace_context::TraceContext;
 use export::Exporter;
 use http::header::{HeaderName, HOST};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
-use hyper::body::Incoming;
 use prometheus::IntCounter;
 use sample::Sampling;
 use smesh_model::TracingSpec;
@@ -98,8 +97,8 @@ impl Tracer {
 }
 
 impl Filter for Tracer {
-    fn request_received(&self, ctx: &mut RequestCtx, req: &Request<Incoming>) {
-        self.start_request(ctx, req.method(), req.uri(), req.version(), req.headers());
+    fn request_received(&self, ctx: &mut RequestCtx, head: &ReceivedHead<'_>) {
+        self.start_request(ctx, head.method, head.uri, head.version, head.headers);
     }
 
     fn upstream_request(&self, ctx: &mut RequestCtx, req: &mut Request<Body>) {
