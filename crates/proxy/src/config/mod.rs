@@ -4,4 +4,5 @@
 pub mod authz;
 pub mod control;
 pub mod reload;
+mod rule_compile;
 pub mod snapshot;
