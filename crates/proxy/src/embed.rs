@@ -7,16 +7,13 @@
 
 use crate::app::admin::Admin;
 use crate::app::health::HealthChecks;
-use crate::app::source::{control_trust, first_snapshot, Source};
+use crate::app::source::{Source, Start};
 use crate::app::workload::Workload;
 use crate::http::resets::ResetLimiter;
-use crate::identity::table::Identities;
 use crate::identity::TlsHandle;
 use crate::listen::http::{HttpProxy, Target};
 use crate::listen::server::{ListenerSpec, Shared};
-use crate::telemetry::metrics::Metrics;
 use crate::telemetry::window::Stats;
-use arc_swap::ArcSwap;
 use http::{Request, Response};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -59,16 +56,14 @@ impl Embedded {
     /// cannot get one. `admin`: a bound socket to serve `/metrics`, `/ready`, `/live` and
     /// `/config` on, announced to the control plane.
     pub async fn start(options: ProxyOptions, admin: Option<std::net::TcpListener>) -> Result<Embedded, String> {
-        let metrics = Metrics::new();
-        let identities = Arc::new(Identities::default());
-        let identity = options.service.as_deref().map(|service| identities.add(service));
-        let workload = Workload::sidecar(&options, &identities);
-        let config = Arc::new(ArcSwap::from_pointee(first_snapshot(
-            &options,
-            workload.as_ref(),
-            &metrics,
-        )?));
-        let trust = control_trust(&options)?;
+        let Start {
+            metrics,
+            identities,
+            identity,
+            workload,
+            config,
+            trust,
+        } = Start::new(&options)?;
         let tls: TlsHandle = identity.as_ref().map(|i| i.tls.clone()).unwrap_or_default();
         // Golden metrics go to the control plane: without one, nothing records them. The
         // caller's runtime threads record, sharded as a proxy's workers are.

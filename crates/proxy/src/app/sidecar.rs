@@ -5,11 +5,10 @@
 use crate::app::admin::Admin;
 use crate::app::health::HealthChecks;
 use crate::app::options::ProxyOptions;
-use crate::app::source::{control_trust, first_snapshot, Source};
+use crate::app::source::{Source, Start};
 use crate::app::workers::{Listener, Workers};
 use crate::app::workload::Workload;
 use crate::http::resets::ResetLimiter;
-use crate::identity::table::Identities;
 use crate::identity::TlsHandle;
 use crate::listen::accept::bind_first;
 use crate::listen::http::Target;
@@ -18,7 +17,6 @@ use crate::shutdown::wait_for_signal;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::window::Stats;
-use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -26,18 +24,15 @@ use tokio::sync::watch;
 /// Runs the proxy until SIGTERM or SIGINT, then drains. Errors are start-up errors
 /// (bad configuration, an address in use) and are meant for the user as they are.
 pub fn run(options: ProxyOptions) -> Result<(), String> {
-    let metrics = Metrics::new();
-    // The table holds the sidecar's one identity (`--service`), certified later if the
-    // control plane gives it a certificate.
-    let identities = Arc::new(Identities::default());
-    let identity = options.service.as_deref().map(|service| identities.add(service));
-    let workload = Workload::sidecar(&options, &identities);
-    let config = Arc::new(ArcSwap::from_pointee(first_snapshot(
-        &options,
-        workload.as_ref(),
-        &metrics,
-    )?));
-    let control_trust = control_trust(&options)?;
+    // The table holds the sidecar's one identity.
+    let Start {
+        metrics,
+        identities,
+        identity,
+        workload,
+        config,
+        trust: control_trust,
+    } = Start::new(&options)?;
 
     let listeners = listeners(&options, workload.as_ref(), &metrics);
     if listeners.is_empty() {

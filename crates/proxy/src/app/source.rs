@@ -19,10 +19,40 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// What every mode starts from, in this order: metrics, the identity table holding this
+/// workload's identity (`--service`, certified later if the control plane gives it a
+/// certificate), the workload, the first snapshot, and the control plane's trust.
+pub struct Start {
+    pub metrics: Arc<Metrics>,
+    pub identities: Arc<Identities>,
+    pub identity: Option<Arc<Identity>>,
+    pub workload: Option<Workload>,
+    pub config: Arc<ArcSwap<Snapshot>>,
+    pub trust: Option<ControlTrust>,
+}
+
+impl Start {
+    pub fn new(options: &ProxyOptions) -> Result<Self, String> {
+        let metrics = Metrics::new();
+        let identities = Arc::new(Identities::default());
+        let identity = options.service.as_deref().map(|service| identities.add(service));
+        let workload = Workload::sidecar(options, &identities);
+        let snapshot = first_snapshot(options, workload.as_ref(), &metrics)?;
+        Ok(Start {
+            config: Arc::new(ArcSwap::from_pointee(snapshot)),
+            trust: control_trust(options)?,
+            metrics,
+            identities,
+            identity,
+            workload,
+        })
+    }
+}
+
 /// The snapshot served from the start: the configuration file's, or an empty one until the
 /// control plane sends the first. A proxy in front of an app enforces its Service's
 /// BackendPolicy `rateLimit` inbound.
-pub fn first_snapshot(
+fn first_snapshot(
     options: &ProxyOptions,
     workload: Option<&Workload>,
     metrics: &Arc<Metrics>,
@@ -52,7 +82,7 @@ pub fn first_snapshot(
 }
 
 /// The CA an `https://` control plane is checked against; required when one is given.
-pub fn control_trust(options: &ProxyOptions) -> Result<Option<ControlTrust>, String> {
+fn control_trust(options: &ProxyOptions) -> Result<Option<ControlTrust>, String> {
     let trust = match &options.control_ca {
         Some(path) => Some(ControlTrust::load(path).map_err(|e| format!("--control-ca: {e}"))?),
         None => None,
